@@ -1,0 +1,75 @@
+"""`distil-trainer extract`: initialise a student from selected teacher layers and save it with the tokenizer.
+
+Replaces the original scripts/extract_distilbert.py (BERT -> DistilBERT) and scripts/extract.py (RoBERTa/GPT-2):
+same flag names where they existed, a safetensors model directory instead of a raw .pth state dict.
+"""
+
+import logging
+import sys
+
+STRATEGY_CHOICES = ("every_other", "uniform", "first", "last")
+
+
+def add_arguments(parser):
+    parser.add_argument("--model_name", required=True, help="Teacher: Hub name or local directory.")
+    parser.add_argument("--dump_checkpoint", required=True, help="Output directory for the student.")
+    parser.add_argument("--model_type", default=None,
+                        help="Expected teacher model_type (bert, roberta, gpt2, llama, ...); checked against its config.")
+    parser.add_argument("--vocab_transform", action="store_true",
+                        help="Accepted for compatibility with the original script; the MLM head (vocab transform "
+                             "included) is now always copied.")
+    parser.add_argument("--layers", default=None, help="Teacher layers to keep, e.g. 0,2,4,7,9,11.")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default=None,
+                        help="Layer choice when --layers is not given (default: uniform, n//2 layers).")
+    parser.add_argument("--num_layers", type=int, default=None, help="Student depth for --strategy.")
+    parser.add_argument("--student_type", choices=("same", "distilbert"), default="same",
+                        help="same: teacher's architecture; distilbert: BERT teacher -> DistilBertForMaskedLM.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty output directory.")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="Allow custom model code from the teacher's repository (off by default).")
+
+
+def _load_tokenizer(name, trust_remote_code):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        logging.getLogger(__name__).warning("No tokenizer saved: could not load one from %r (%s).", name, err)
+        return None
+
+
+def _extract(args):
+    from distil_trainer.extraction import extract_student, load_teacher, save_student
+    from distil_trainer.extraction.layers import parse_layer_list
+    from distil_trainer.extraction.save import check_output_dir
+
+    check_output_dir(args.dump_checkpoint, args.overwrite)  # fail before the (slow) teacher load
+    layers = parse_layer_list(args.layers) if args.layers is not None else None
+    if args.vocab_transform:
+        print("--vocab_transform is accepted for compatibility; the MLM head is always copied.")
+    teacher, missing = load_teacher(args.model_name, trust_remote_code=args.trust_remote_code)
+    if args.model_type is not None and teacher.config.model_type != args.model_type:
+        raise ValueError(
+            f"--model_type {args.model_type} does not match the teacher's model_type "
+            f"{teacher.config.model_type!r}; fix --model_type or drop it."
+        )
+    student, report = extract_student(
+        teacher, layers=layers, strategy=args.strategy, num_layers=args.num_layers,
+        student_type=args.student_type, teacher_missing_keys=missing, return_report=True,
+    )
+    report.teacher = args.model_name
+    student.config.distillation = report.config_record()
+    tokenizer = _load_tokenizer(args.model_name, args.trust_remote_code)
+    path = save_student(student, tokenizer, args.dump_checkpoint, overwrite=args.overwrite, report=report)
+    print(report.summary())
+    print(f"Saved {type(student).__name__} ({student.num_parameters():,} parameters) to {path}")
+
+
+def run(args):
+    try:
+        _extract(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"distil-trainer extract: error: {err}", file=sys.stderr)
+        return 2
+    return 0

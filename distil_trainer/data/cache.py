@@ -1,0 +1,102 @@
+"""Output directories that double as caches: fingerprints, metadata beside the data, atomic publication
+and integrity checks. Shared by binarization and token counting."""
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+HASH_CHUNK = 8 << 20
+
+
+def stable_hash(obj):
+    """sha256 of a JSON-serialisable object, independent of key order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_identity(tokenizer):
+    """What identifies a tokenizer's output: its full serialised pipeline (vocab, merges, normaliser...)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast (Rust `tokenizers`) tokenizer. Binarization "
+                         "needs one for batched tokenization and a reliable cache fingerprint; load it with "
+                         "AutoTokenizer.from_pretrained(name) (the default in transformers 5).")
+    return {
+        "class": type(tokenizer).__name__,
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab_size": len(tokenizer),
+        "backend_sha256": hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest(),
+        "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+    }
+
+
+def describe_files(directory, names):
+    """{name: {size, sha256}} for files inside `directory`."""
+    return {n: {"size": os.path.getsize(os.path.join(directory, n)), "sha256": file_sha256(os.path.join(directory, n))}
+            for n in names}
+
+
+def check_files(directory, described, verify_checksums=True):
+    """Problems (list of strings) found comparing files on disk with their recorded size/sha256."""
+    problems = []
+    for name, info in described.items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            problems.append(f"missing file {name}")
+            continue
+        size = os.path.getsize(path)
+        if size != info["size"]:
+            problems.append(f"{name} has {size} bytes, {info['size']} were written (truncated or modified)")
+        elif verify_checksums and file_sha256(path) != info["sha256"]:
+            problems.append(f"{name} content does not match its recorded sha256 (corrupted or modified)")
+    return problems
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_atomic(path, obj):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def new_build_dir(final_path):
+    """A fresh temporary directory next to `final_path` (same filesystem, so os.replace is atomic)."""
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    build = final_path.parent / f".{final_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    build.mkdir()
+    return build
+
+
+def publish_dir(built, final_path):
+    """Move a completed directory into place. An existing one (the caller checked overwrite) is moved
+    aside first and deleted after, so readers never see a half-written directory."""
+    final_path = Path(final_path)
+    old = None
+    if final_path.exists():
+        old = final_path.parent / f".{final_path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final_path, old)
+    os.replace(built, final_path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,249 @@
+"""`DistillationTrainer`: `transformers.Trainer` whose loss is the teacher-student objective.
+
+The loss terms are the pure functions of `losses.py`. What this class adds is the plumbing around them:
+a frozen teacher placed like the student, the position masks each term averages over, denominators that make
+gradient accumulation and data parallelism exact, and per-term logging.
+"""
+
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from . import losses
+from .checks import check_output_dir, check_student_teacher
+from .distillation_config import DistillationArguments
+from .model_utils import (CAUSAL_LM, LM_HEADS, QUESTION_ANSWERING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION,
+                          forward_arguments, freeze_position_embeddings, freeze_teacher, freeze_token_type_embeddings,
+                          head_kind, load_teacher, prepare_teacher_for_deepspeed)
+
+logger = logging.getLogger(__name__)
+
+# Batch keys that are targets, never model inputs for the teacher.
+TARGET_KEYS = ("labels", "start_positions", "end_positions")
+# Optional batch key: 0/1 per position, restricting where the token-level (or QA span) KL/MSE is taken.
+DISTILLATION_MASK_KEY = "distillation_mask"
+TERMS = ("ce", "mlm", "clm", "mse", "cos", "task")
+_TEACHER_TERMS = ("ce", "mse", "cos")
+
+
+class DistillationTrainer(Trainer):
+    """Trainer for knowledge distillation.
+
+    Args:
+        model: the student.
+        teacher_model: the teacher, as a model or as a Hub name / local path (loaded with the Auto class matching
+            the student's head and `args.teacher_model_init_kwargs`, e.g. `{"dtype": "bfloat16"}`).
+        args: `DistillationArguments`.
+        Other arguments are those of `transformers.Trainer`.
+    """
+
+    # compute_loss divides each term by its item count over the whole optimizer step (see get_batch_samples).
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, teacher_model=None, args=None, **kwargs):
+        if not isinstance(args, DistillationArguments):
+            raise TypeError(f"args must be DistillationArguments, got {type(args).__name__}.")
+        if model is None:
+            raise ValueError("DistillationTrainer needs the student as model=.")
+        if teacher_model is None:
+            raise ValueError("DistillationTrainer needs teacher_model= (a model, a Hub name or a local path).")
+        self._student_head = head_kind(model)
+        if isinstance(teacher_model, (str, os.PathLike)):
+            teacher_model = load_teacher(str(teacher_model), self._student_head, args.teacher_model_init_kwargs)
+        elif args.teacher_model_init_kwargs:
+            logger.warning("teacher_model_init_kwargs is ignored: teacher_model was given already loaded.")
+        check_student_teacher(model, teacher_model, args)
+        # Freeze before the optimizer is built, so frozen tensors are not even handed to it.
+        if args.freeze_pos_embs:
+            logger.info("Frozen: %s", freeze_position_embeddings(model))
+        if args.freeze_token_type_embds:
+            logger.info("Frozen: %s", freeze_token_type_embeddings(model))
+
+        super().__init__(model=model, args=args, **kwargs)
+
+        self.teacher = freeze_teacher(teacher_model)
+        if self.is_deepspeed_enabled:
+            self.teacher = prepare_teacher_for_deepspeed(self.teacher, self.accelerator)
+        elif not getattr(self.teacher, "hf_device_map", None):  # a teacher dispatched over devices stays put
+            self.teacher.to(self.args.device)
+        # Not wrapped in DDP/FSDP: it has no gradients to synchronise, each rank runs its own replica.
+        self._student_inputs = forward_arguments(model)
+        self._teacher_inputs = forward_arguments(self.teacher)
+        self._weights = args.loss_weights
+        self._step_counts = None  # item counts per term over the current optimizer step, all ranks
+        self._log_sums = defaultdict(float)
+        self._log_counts = defaultdict(float)
+
+    # ---- data ----
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if DISTILLATION_MASK_KEY not in self._signature_columns:
+            self._signature_columns.append(DISTILLATION_MASK_KEY)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        check_output_dir(self.args, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    # ---- which positions each term averages over ----
+
+    def _position_masks(self, inputs):
+        """Boolean masks (or None for per-example terms) of the positions each term uses."""
+        ids = inputs.get("input_ids")
+        attention = inputs.get("attention_mask")
+        tokens = attention.bool() if attention is not None else torch.ones_like(ids, dtype=torch.bool)
+        logits_mask = tokens
+        if inputs.get(DISTILLATION_MASK_KEY) is not None:
+            logits_mask = logits_mask & inputs[DISTILLATION_MASK_KEY].bool()
+        if self.args.restrict_ce_to_mask and self._student_head in LM_HEADS:
+            logits_mask = logits_mask & (inputs["labels"] != -100)
+        return {"tokens": tokens, "logits": logits_mask}
+
+    def _item_counts(self, inputs):
+        """How many items each term averages over in this micro-batch (the denominators)."""
+        masks = self._position_masks(inputs)
+        batch_size = inputs["input_ids"].shape[0]
+        per_example = self._student_head in (SEQUENCE_CLASSIFICATION, QUESTION_ANSWERING)
+        labels = inputs.get("labels")
+        counts = {
+            "ce": batch_size if per_example else masks["logits"].sum(),
+            "mse": batch_size if per_example else masks["logits"].sum(),
+            "cos": masks["tokens"].sum(),
+            "mlm": (labels != -100).sum() if labels is not None else 0,
+            "clm": (labels[..., 1:] != -100).sum() if labels is not None else 0,
+            "task": (labels != -100).sum() if self._student_head == TOKEN_CLASSIFICATION else batch_size,
+        }
+        return torch.tensor([float(counts[t]) for t in TERMS], dtype=torch.float64)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples:
+            counts = sum(self._item_counts(b) for b in batch_samples).to(device)
+            if self.accelerator.num_processes > 1:
+                counts = self.accelerator.reduce(counts, reduction="sum")
+            self._step_counts = counts
+        return batch_samples, num_items_in_batch
+
+    # ---- the loss ----
+
+    def _check_batch(self, inputs):
+        if ("mlm" in self._weights or "clm" in self._weights) and inputs.get("labels") is None:
+            term = "alpha_mlm" if "mlm" in self._weights else "alpha_clm"
+            raise ValueError(
+                f"{term}={self._weights[term[6:]]} but the batch has no 'labels'. Use a collator that makes them "
+                "(distil_trainer.data's MLM or CLM collator), or set the weight to 0."
+            )
+
+    def _forward(self, model, inputs, keep, output_hidden_states):
+        model_inputs = {k: v for k, v in inputs.items() if k in keep}
+        if output_hidden_states:
+            model_inputs["output_hidden_states"] = True
+        return model(**model_inputs)
+
+    def _term_sums(self, inputs, student_out, teacher_out):
+        """{term: sum over its items in this micro-batch} for the weighted terms, plus top-1 agreement."""
+        w, T = self._weights, self.args.temperature
+        masks = self._position_masks(inputs)
+        head = self._student_head
+        sums = {}
+        agreement = None
+        if teacher_out is not None and ("ce" in w or "mse" in w):
+            if head == QUESTION_ANSWERING:
+                mask = masks["logits"]
+                if "ce" in w:
+                    sums["ce"] = losses.span_soft_target_kl(
+                        student_out.start_logits, student_out.end_logits, teacher_out.start_logits,
+                        teacher_out.end_logits, T, mask=mask, reduction="sum")
+                if "mse" in w:
+                    sums["mse"] = sum(losses.logit_mse(getattr(student_out, k).masked_fill(~mask, 0),
+                                                       getattr(teacher_out, k).masked_fill(~mask, 0),
+                                                       reduction="sum") for k in ("start_logits", "end_logits")) / 2
+                agree = sum(losses.top1_agreement(getattr(student_out, k).masked_fill(~mask, -1e9),
+                                                  getattr(teacher_out, k).masked_fill(~mask, -1e9))[0]
+                            for k in ("start_logits", "end_logits"))
+                agreement = (agree, 2 * mask.shape[0])
+            else:
+                s_logits, t_logits = student_out.logits, teacher_out.logits
+                if s_logits.shape != t_logits.shape:
+                    raise ValueError(f"Teacher logits {tuple(t_logits.shape)} and student logits "
+                                     f"{tuple(s_logits.shape)} differ in shape; they must match position by position.")
+                mask = None if head == SEQUENCE_CLASSIFICATION else masks["logits"]
+                if "ce" in w:
+                    sums["ce"] = losses.soft_target_kl(s_logits, t_logits, T, mask=mask, reduction="sum")
+                if "mse" in w:
+                    sums["mse"] = losses.logit_mse(s_logits, t_logits, mask=mask, reduction="sum")
+                agreement = losses.top1_agreement(s_logits.detach(), t_logits, mask=mask)
+        if "cos" in w:
+            sums["cos"] = losses.hidden_cosine(student_out.hidden_states[-1], teacher_out.hidden_states[-1],
+                                               mask=masks["tokens"], reduction="sum")
+        if "mlm" in w:
+            sums["mlm"] = losses.masked_lm_loss(student_out.logits, inputs["labels"], reduction="sum")
+        if "clm" in w:
+            sums["clm"] = losses.causal_lm_loss(student_out.logits, inputs["labels"], reduction="sum")
+        if "task" in w:
+            # The model's own loss is a mean over its items (examples, or labelled tokens for tagging): undo it.
+            sums["task"] = student_out.loss * self._item_counts(inputs)[TERMS.index("task")].item()
+        return sums, agreement
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._check_batch(inputs)
+        w = self._weights
+        need_hidden = "cos" in w
+        # The student's LM losses are computed here from its logits; it gets its targets only for a task loss.
+        student_keep = self._student_inputs - (set() if "task" in w else set(TARGET_KEYS))
+        student_out = self._forward(model, inputs, student_keep, need_hidden)
+        teacher_out = None
+        if any(t in w for t in _TEACHER_TERMS):
+            with torch.no_grad(), self.accelerator.autocast():
+                teacher_out = self._forward(self.teacher, inputs, self._teacher_inputs - set(TARGET_KEYS),
+                                            need_hidden)
+        sums, agreement = self._term_sums(inputs, student_out, teacher_out)
+
+        device = next(iter(sums.values())).device
+        local_counts = self._item_counts(inputs).to(device)
+        if model.training and self._step_counts is not None:
+            # Each micro-batch contributes sum / (items in the whole step, all ranks); DDP then averages the
+            # gradients over ranks, so multiply back by their number.
+            counts, scale = self._step_counts, self.accelerator.num_processes
+        else:
+            counts, scale = local_counts, 1
+        loss = sum(w[t] * sums[t] / counts[TERMS.index(t)].clamp(min=1).to(sums[t].dtype) for t in sums) * scale
+
+        if model.training:
+            self._accumulate_logs(sums, local_counts, agreement)
+        if return_outputs:
+            if getattr(student_out, "hidden_states", None) is not None:
+                # Keep hidden states out of what prediction_step gathers as "logits".
+                student_out = type(student_out)(**{k: v for k, v in student_out.items() if k != "hidden_states"})
+            return loss, student_out
+        return loss
+
+    # ---- logging ----
+
+    def _accumulate_logs(self, sums, counts, agreement):
+        for t, value in sums.items():
+            self._log_sums[t] += value.detach().float()
+            self._log_counts[t] += counts[TERMS.index(t)]
+        if agreement is not None:
+            self._log_sums["agreement"] += agreement[0].detach().float()
+            self._log_counts["agreement"] += agreement[1]
+
+    def log(self, logs, start_time=None):
+        # "loss" marks the periodic training log, which every rank reaches at the same step.
+        if "loss" in logs and self._log_counts:
+            keys = sorted(self._log_counts)
+            stats = torch.stack([torch.as_tensor(self._log_sums[k], dtype=torch.float64, device=self.args.device)
+                                 for k in keys]
+                                + [torch.as_tensor(self._log_counts[k], dtype=torch.float64, device=self.args.device)
+                                   for k in keys])
+            if self.accelerator.num_processes > 1:
+                stats = self.accelerator.reduce(stats, reduction="sum")
+            for i, k in enumerate(keys):
+                value = (stats[i] / stats[len(keys) + i].clamp(min=1)).item()
+                logs["teacher_agreement" if k == "agreement" else f"loss_{k}"] = round(value, 6)
+            self._log_sums.clear()
+            self._log_counts.clear()
+        super().log(logs, start_time)

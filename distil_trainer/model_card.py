@@ -1,0 +1,207 @@
+"""Model card (README.md) for a distilled student, built with `huggingface_hub.ModelCard`.
+
+The YAML metadata carries the usual Hub fields (library, base model, datasets, `model-index` evaluation results) plus a
+`distillation:` block with the exact settings, so the numbers are machine-readable and round-trip through
+`ModelCard.load`. The Markdown body shows the same numbers for people.
+
+This module never receives a Hub token; `_reject_tokens` additionally refuses any value that looks like one, so a
+token pasted into a free-text field cannot end up in a public README.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+# User access tokens ("hf_" + 30+ alphanumerics) and the older "api_" tokens.
+_TOKEN_PATTERN = re.compile(r"\b(hf|api)_[A-Za-z0-9]{20,}\b")
+# A Hub repo id: "name" or "namespace/name" (local paths are not valid `base_model` values).
+_HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class StudentCardInfo:
+    """Everything the model card reports about one distillation run. Filled in by the training pipeline."""
+
+    model_name: str  # repo id or display name of the student, e.g. "me/distilbert-base-uncased"
+    teacher_name: str  # Hub id or local path of the teacher
+    student_parameters: int
+    teacher_parameters: int
+    teacher_revision: str | None = None
+    architecture: str | None = None  # student's `config.model_type`, e.g. "distilbert"
+    # Student layer i was initialised from teacher layer layer_map[i]; a dict {student: teacher} is accepted too.
+    layer_map: Sequence[int] | Mapping[int, int] | None = None
+    loss_weights: Mapping[str, float] = field(default_factory=dict)  # {"alpha_ce": 5.0, "alpha_mlm": 2.0, ...}
+    temperature: float | None = None
+    datasets: Sequence[str] = ()  # training data (Hub dataset ids or descriptions)
+    train_steps: int | None = None
+    tokens_seen: int | None = None
+    speed_ratio: float | None = None  # measured teacher time / student time (>1 means the student is faster)
+    speed_measurement: str | None = None  # how the speed ratio was measured, e.g. "batch 32 x 128 tokens, A100"
+    eval_results: Sequence[EvalResult] = ()
+    language: str | list[str] | None = None
+    license: str | None = None
+    pipeline_tag: str | None = None
+    tags: Sequence[str] = ()
+
+    @property
+    def parameter_ratio(self) -> float:
+        return self.student_parameters / self.teacher_parameters
+
+
+def _normalised_layer_map(layer_map) -> dict[int, int] | None:
+    if layer_map is None:
+        return None
+    items = layer_map.items() if isinstance(layer_map, Mapping) else enumerate(layer_map)
+    return {int(student): int(teacher) for student, teacher in items}
+
+
+def _validate(info: StudentCardInfo) -> None:
+    if not info.model_name:
+        raise ValueError("StudentCardInfo.model_name is empty: pass the student's repo id or a display name.")
+    if not info.teacher_name:
+        raise ValueError("StudentCardInfo.teacher_name is empty: pass the teacher's Hub id or path.")
+    for name in ("student_parameters", "teacher_parameters"):
+        if int(getattr(info, name)) <= 0:
+            raise ValueError(f"StudentCardInfo.{name} must be a positive parameter count, got {getattr(info, name)}.")
+    for key in info.loss_weights:
+        if not key.startswith("alpha_"):
+            raise ValueError(f"loss_weights key {key!r} is not a loss weight: use the argument names (alpha_ce, ...).")
+    if info.temperature is not None and info.temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {info.temperature}.")
+    if info.speed_ratio is not None and info.speed_ratio <= 0:
+        raise ValueError(f"speed_ratio must be > 0 (teacher time / student time), got {info.speed_ratio}.")
+    if info.eval_results and not all(isinstance(r, EvalResult) for r in info.eval_results):
+        raise ValueError("eval_results must be huggingface_hub.EvalResult objects.")
+
+
+def _reject_tokens(text: str) -> None:
+    if _TOKEN_PATTERN.search(text):
+        raise ValueError("The model card would contain something that looks like a Hub access token; remove it from "
+                         "the StudentCardInfo fields (tokens belong only in push_student_to_hub(token=...)).")
+
+
+def _card_data(info: StudentCardInfo) -> ModelCardData:
+    distillation = {
+        "teacher": info.teacher_name,
+        "teacher_revision": info.teacher_revision,
+        "temperature": info.temperature,
+        "loss_weights": {k: float(v) for k, v in info.loss_weights.items()} or None,
+        "layer_map": _normalised_layer_map(info.layer_map),
+        "train_steps": info.train_steps,
+        "tokens_seen": info.tokens_seen,
+        "student_parameters": int(info.student_parameters),
+        "teacher_parameters": int(info.teacher_parameters),
+        "parameter_ratio": round(info.parameter_ratio, 6),
+        "speed_ratio": info.speed_ratio,
+        "speed_measurement": info.speed_measurement,
+    }
+    is_hub_id = bool(_HUB_ID_PATTERN.match(info.teacher_name)) and not os.path.exists(info.teacher_name)
+    return ModelCardData(
+        model_name=info.model_name,
+        base_model=info.teacher_name if is_hub_id else None,
+        datasets=list(info.datasets) or None,
+        eval_results=list(info.eval_results) or None,
+        language=info.language,
+        license=info.license,
+        library_name="transformers",
+        pipeline_tag=info.pipeline_tag,
+        tags=["distillation", "distil_trainer", *info.tags],
+        distillation={k: v for k, v in distillation.items() if v is not None},
+    )
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _body(info: StudentCardInfo) -> str:
+    teacher = info.teacher_name + (f" (revision `{info.teacher_revision}`)" if info.teacher_revision else "")
+    lines = [
+        f"# {info.model_name}",
+        "",
+        f"A student model distilled from **{teacher}** with distil_trainer"
+        + (f" ({info.architecture} architecture)." if info.architecture else "."),
+        "",
+        "## Size",
+        "",
+        "| | Parameters |",
+        "|---|---|",
+        f"| Student | {_fmt_int(info.student_parameters)} |",
+        f"| Teacher | {_fmt_int(info.teacher_parameters)} |",
+        f"| Student / teacher | {info.parameter_ratio:.3f} |",
+    ]
+    if info.speed_ratio is not None:
+        lines += ["", f"Measured speed: the student runs **{info.speed_ratio:.2f}x** as fast as the teacher"
+                      + (f" ({info.speed_measurement})." if info.speed_measurement else ".")]
+
+    lines += ["", "## Distillation", "", "| Setting | Value |", "|---|---|"]
+    lines.append(f"| Teacher | {info.teacher_name} |")
+    if info.teacher_revision:
+        lines.append(f"| Teacher revision | {info.teacher_revision} |")
+    if info.temperature is not None:
+        lines.append(f"| Temperature | {info.temperature:g} |")
+    for key, value in info.loss_weights.items():
+        lines.append(f"| {key} | {float(value):g} |")
+    if info.train_steps is not None:
+        lines.append(f"| Training steps | {_fmt_int(info.train_steps)} |")
+    if info.tokens_seen is not None:
+        lines.append(f"| Tokens seen | {_fmt_int(info.tokens_seen)} |")
+    if info.datasets:
+        lines.append(f"| Training data | {', '.join(info.datasets)} |")
+
+    layer_map = _normalised_layer_map(info.layer_map)
+    if layer_map:
+        lines += ["", "### Layer map", "", "Student layers were initialised from these teacher layers:", "",
+                  "| Student layer | Teacher layer |", "|---|---|"]
+        lines += [f"| {s} | {t} |" for s, t in sorted(layer_map.items())]
+
+    if info.eval_results:
+        lines += ["", "## Evaluation", "", "| Task | Dataset | Split | Metric | Value |", "|---|---|---|---|---|"]
+        for r in info.eval_results:
+            lines.append(f"| {r.task_name or r.task_type} | {r.dataset_name} | {r.dataset_split or ''} "
+                         f"| {r.metric_name or r.metric_type} | {r.metric_value} |")
+
+    lines += ["", "## Usage", "", "```python", "from transformers import AutoModel, AutoTokenizer", "",
+              f'tokenizer = AutoTokenizer.from_pretrained("{info.model_name}")',
+              f'model = AutoModel.from_pretrained("{info.model_name}")', "```", ""]
+    return "\n".join(lines)
+
+
+def build_model_card(info: StudentCardInfo) -> ModelCard:
+    """The student's model card: Hub metadata (incl. `model-index` from `info.eval_results`) + a Markdown body."""
+    _validate(info)
+    data = _card_data(info)
+    content = f"---\n{data.to_yaml()}\n---\n\n{_body(info)}"
+    _reject_tokens(content)
+    return ModelCard(content)
+
+
+def write_model_card(info: StudentCardInfo, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `build_model_card(info)` to `output_dir/README.md` atomically; returns the path.
+
+    An existing README.md is only replaced when `overwrite=True`.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise FileNotFoundError(f"{output_dir} is not a directory: save the student there first (save_pretrained).")
+    target = output_dir / "README.md"
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it.")
+    text = str(build_model_card(info))
+    fd, tmp = tempfile.mkstemp(prefix=".README.md.", suffix=".tmp", dir=output_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target

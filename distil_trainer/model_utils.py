@@ -1,0 +1,162 @@
+"""What the trainer needs to know about a model: its head, its widths, which embeddings to freeze,
+how to load and place a frozen teacher."""
+
+import copy
+import inspect
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MASKED_LM, CAUSAL_LM = "masked_lm", "causal_lm"
+SEQUENCE_CLASSIFICATION, QUESTION_ANSWERING, TOKEN_CLASSIFICATION = (
+    "sequence_classification", "question_answering", "token_classification")
+BARE = "bare"  # an encoder/decoder without a head: hidden states only, no logits
+TASK_HEADS = (SEQUENCE_CLASSIFICATION, QUESTION_ANSWERING, TOKEN_CLASSIFICATION)
+LM_HEADS = (MASKED_LM, CAUSAL_LM)
+
+# Class-name suffix -> head kind; transformers names its heads consistently.
+_SUFFIX_TO_HEAD = (
+    ("ForMaskedLM", MASKED_LM),
+    ("ForCausalLM", CAUSAL_LM),
+    ("LMHeadModel", CAUSAL_LM),
+    ("ForSequenceClassification", SEQUENCE_CLASSIFICATION),
+    ("ForQuestionAnswering", QUESTION_ANSWERING),
+    ("ForTokenClassification", TOKEN_CLASSIFICATION),
+)
+
+_AUTO_CLASS_FOR_HEAD = {
+    MASKED_LM: "AutoModelForMaskedLM",
+    CAUSAL_LM: "AutoModelForCausalLM",
+    SEQUENCE_CLASSIFICATION: "AutoModelForSequenceClassification",
+    QUESTION_ANSWERING: "AutoModelForQuestionAnswering",
+    TOKEN_CLASSIFICATION: "AutoModelForTokenClassification",
+    BARE: "AutoModel",
+}
+
+
+def unwrap(model):
+    """The underlying `PreTrainedModel` of a DDP/DeepSpeed/compiled wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def head_kind(model) -> str:
+    name = type(unwrap(model)).__name__
+    for suffix, kind in _SUFFIX_TO_HEAD:
+        if name.endswith(suffix):
+            return kind
+    return BARE
+
+
+def hidden_size(model):
+    config = unwrap(model).config
+    return getattr(config.get_text_config(), "hidden_size", None)
+
+
+def vocab_size(model):
+    """Rows of the output embedding when there is one (what the logits measure), else the config's vocab size."""
+    inner = unwrap(model)
+    out = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is not None and out.weight.dim() == 2:
+        return out.weight.shape[0]
+    return getattr(inner.config.get_text_config(), "vocab_size", None)
+
+
+def forward_arguments(model) -> set:
+    """Names `model.forward` accepts, so a batch can be filtered per model (DistilBERT takes no token_type_ids)."""
+    return set(inspect.signature(unwrap(model).forward).parameters)
+
+
+def load_teacher(name_or_path: str, student_head: str, init_kwargs: dict | None = None):
+    """Load a teacher by Hub name or local path with the Auto class that matches the student's head."""
+    import transformers
+
+    kwargs = dict(init_kwargs or {})
+    kwargs.setdefault("trust_remote_code", False)
+    dtype = kwargs.get("dtype")
+    if isinstance(dtype, str) and dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    auto_class = getattr(transformers, _AUTO_CLASS_FOR_HEAD[student_head])
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"Could not load the teacher {name_or_path!r} with {auto_class.__name__}: {err}\n"
+            "Pass a local directory saved with save_pretrained, or a Hub name with network access "
+            "(unset HF_HUB_OFFLINE), or pass the loaded model itself as teacher_model=."
+        ) from err
+
+
+def freeze_teacher(teacher):
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+# Parameter-name endings of learned absolute position embeddings across the supported families:
+# BERT/RoBERTa/DistilBERT `embeddings.position_embeddings`, GPT-2 `wpe`, BART-style `embed_positions`.
+_POSITION_EMBEDDING_SUFFIXES = ("position_embeddings.weight", "wpe.weight", "embed_positions.weight")
+_TOKEN_TYPE_EMBEDDING_SUFFIXES = ("token_type_embeddings.weight",)
+
+
+def _freeze_by_suffix(model, suffixes):
+    frozen = []
+    for name, param in unwrap(model).named_parameters():
+        if name.endswith(suffixes):
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def freeze_position_embeddings(model) -> list:
+    frozen = _freeze_by_suffix(model, _POSITION_EMBEDDING_SUFFIXES)
+    if not frozen:
+        raise ValueError(
+            f"freeze_pos_embs=True but {type(unwrap(model)).__name__} has no learned position embeddings "
+            "(it may use rotary or relative positions); set freeze_pos_embs=False."
+        )
+    return frozen
+
+
+def freeze_token_type_embeddings(model) -> list:
+    frozen = _freeze_by_suffix(model, _TOKEN_TYPE_EMBEDDING_SUFFIXES)
+    if not frozen:
+        logger.warning("freeze_token_type_embds=True has no effect: %s has no token-type embeddings.",
+                       type(unwrap(model)).__name__)
+    return frozen
+
+
+def prepare_teacher_for_deepspeed(teacher, accelerator):
+    """Wrap the frozen teacher in a DeepSpeed inference engine.
+
+    Under ZeRO-3 the teacher's parameters are partitioned across ranks like the student's (gathered layer by layer
+    during its forward); under ZeRO-1/2, which only partition optimizer state and gradients, the teacher has
+    neither, so it runs as stage 0 (a full replica per rank).
+    """
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        width = hidden_size(teacher) or 1024
+        # The teacher never produces gradients, so the reduce bucket only needs a sane size; "auto" values that
+        # the Trainer would fill for the student are filled here from the teacher's width.
+        for key, value in (("reduce_bucket_size", width * width),
+                           ("stage3_param_persistence_threshold", 10 * width),
+                           ("stage3_prefetch_bucket_size", int(0.9 * width * width))):
+            if zero.get(key) in (None, "auto"):
+                zero[key] = value
+    else:
+        zero["stage"] = 0
+    for key in list(zero):
+        if zero[key] == "auto":
+            zero.pop(key)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
