@@ -10,7 +10,7 @@ import os
 from collections import defaultdict
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from . import losses
 from .checks import check_output_dir, check_student_teacher
@@ -27,6 +27,16 @@ TARGET_KEYS = ("labels", "start_positions", "end_positions")
 DISTILLATION_MASK_KEY = "distillation_mask"
 TERMS = ("ce", "mlm", "clm", "mse", "cos", "task")
 _TEACHER_TERMS = ("ce", "mse", "cos")
+
+
+class _CollatorEpochCallback(TrainerCallback):
+    """Tells a collator with `set_epoch` (the MLM collator's seeded masking) which epoch it is collating."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(int(state.epoch or 0))
 
 
 class DistillationTrainer(Trainer):
@@ -69,6 +79,8 @@ class DistillationTrainer(Trainer):
             self.teacher = prepare_teacher_for_deepspeed(self.teacher, self.accelerator)
         elif not getattr(self.teacher, "hf_device_map", None):  # a teacher dispatched over devices stays put
             self.teacher.to(self.args.device)
+        if hasattr(self.data_collator, "set_epoch"):
+            self.add_callback(_CollatorEpochCallback(self.data_collator))
         # Not wrapped in DDP/FSDP: it has no gradients to synchronise, each rank runs its own replica.
         self._student_inputs = forward_arguments(model)
         self._teacher_inputs = forward_arguments(self.teacher)
@@ -81,8 +93,11 @@ class DistillationTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if DISTILLATION_MASK_KEY not in self._signature_columns:
-            self._signature_columns.append(DISTILLATION_MASK_KEY)
+        # Keep the distillation mask, and the stored lengths that group_by_length sampling reads (otherwise
+        # transformers drops the column and re-measures every example).
+        for column in (DISTILLATION_MASK_KEY, self.args.length_column_name):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         check_output_dir(self.args, resume_from_checkpoint)

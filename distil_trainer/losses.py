@@ -96,6 +96,8 @@ def causal_lm_loss(student_logits, labels, reduction="mean"):
 
 def top1_agreement(student_logits, teacher_logits, mask=None):
     """(number of selected rows where the arg-max agrees, number of selected rows)."""
-    s = _select(student_logits, mask).argmax(-1)
-    t = _select(teacher_logits, mask).argmax(-1)
-    return (s == t).sum(), s.numel()
+    # Arg-max first, then select: selecting first would copy both [rows, vocab] logit tensors.
+    agree = student_logits.argmax(-1) == teacher_logits.argmax(-1)
+    if mask is not None:
+        agree = agree[mask.bool()]
+    return agree.sum(), agree.numel()

@@ -287,7 +287,8 @@ def binarize(output_dir, tokenizer, *, file_path=None, dataset_name=None, datase
                     raise ValueError(f"Packing left no block: the corpus holds {stats.tokens} tokens, fewer than one "
                                      f"block of {pack}. Lower --pack.")
             final = build / "dataset"
-            kept.save_to_disk(str(final), num_proc=num_proc if len(kept) >= (num_proc or 1) else None)
+            # One writer: saving is I/O-bound, and datasets' workers are spawned (seconds of imports each).
+            kept.save_to_disk(str(final))
             stats.seconds = time.perf_counter() - start
             metadata = {
                 "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "fingerprint_parts": parts,

@@ -4,6 +4,7 @@ Both take features with unpadded `input_ids` (lists or tensors; an optional `att
 such as the `length` column are ignored) and return padded `input_ids`, `attention_mask` and `labels`.
 """
 
+import hashlib
 import math
 
 import numpy as np
@@ -57,11 +58,15 @@ class MaskedLMCollator:
     are eligible than that number, all eligible positions are chosen. Of the chosen positions, a share
     `word_mask` becomes the mask token, `word_keep` stays, `word_rand` becomes a random non-special token
     (each position drawn independently). Labels hold the original ids there and -100 elsewhere.
-    Randomness comes from torch's global RNG (seeded by Trainer), or `generator` if given.
+    Randomness comes from torch's global RNG (seeded by Trainer), or `generator` if given, or -- with `seed` --
+    from a generator seeded by (seed, epoch, the batch's token ids): the masks then depend only on the batch and
+    the epoch, not on how many batches were drawn before, so a run resumed from a checkpoint masks exactly as an
+    uninterrupted one (Trainer skips, without collating, the batches it already trained on). A batch built again in
+    a later epoch is masked afresh; `DistillationTrainer` calls `set_epoch` at each epoch.
     """
 
     def __init__(self, tokenizer, token_counts=None, mlm_mask_prop=0.15, word_mask=0.8, word_keep=0.1, word_rand=0.1,
-                 mlm_smoothing=0.7, pad_to_multiple_of=None, generator=None):
+                 mlm_smoothing=0.7, pad_to_multiple_of=None, generator=None, seed=None):
         for name, value in (("word_mask", word_mask), ("word_keep", word_keep), ("word_rand", word_rand)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}.")
@@ -102,6 +107,19 @@ class MaskedLMCollator:
         self.mlm_mask_prop = mlm_mask_prop
         self.pad_to_multiple_of = pad_to_multiple_of
         self.generator = generator
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def _batch_generator(self, input_ids):
+        if self.seed is None:
+            return self.generator
+        digest = hashlib.blake2b(digest_size=8)
+        digest.update(np.array([self.seed, self.epoch], dtype=np.int64).tobytes())
+        digest.update(input_ids.numpy().astype(np.int64).tobytes())
+        return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") & (2**63 - 1))
 
     def __call__(self, features):
         input_ids, attention_mask = pad_batch(features, self.pad_id, self.pad_to_multiple_of)
@@ -116,14 +134,15 @@ class MaskedLMCollator:
         n_target = min(n_target, int((probs > 0).sum()))
         labels = torch.full_like(flat_ids, IGNORE_INDEX)
         if n_target > 0:
-            chosen = torch.multinomial(probs, n_target, replacement=False, generator=self.generator)
+            generator = self._batch_generator(input_ids)
+            chosen = torch.multinomial(probs, n_target, replacement=False, generator=generator)
             labels[chosen] = flat_ids[chosen]
-            action = torch.multinomial(self.action_probs, n_target, replacement=True, generator=self.generator)
+            action = torch.multinomial(self.action_probs, n_target, replacement=True, generator=generator)
             new_ids = flat_ids[chosen].clone()
             new_ids[action == 0] = self.mask_token_id
             n_rand = int((action == 2).sum())
             if n_rand:
-                picks = torch.randint(self.random_candidates.numel(), (n_rand,), generator=self.generator)
+                picks = torch.randint(self.random_candidates.numel(), (n_rand,), generator=generator)
                 new_ids[action == 2] = self.random_candidates[picks]
             flat_ids = flat_ids.clone()
             flat_ids[chosen] = new_ids

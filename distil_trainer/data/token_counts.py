@@ -46,13 +46,14 @@ def count_tokens(dataset, vocab_size=None, column="input_ids"):
     for values in _flat_values(dataset.data.column(column)):
         if values.size == 0:
             continue
-        if values.min() < 0:
-            raise ValueError(f"Negative token id {int(values.min())} in {column!r}.")
-        top = int(values.max())
-        if vocab_size is not None and top >= vocab_size:
-            raise ValueError(f"Token id {top} does not fit a count vector of vocab_size={vocab_size}: the data's "
-                             "vocabulary is larger. Pass the tokenizer's full size (len(tokenizer)) as --vocab_size.")
-        chunk_counts = np.bincount(values, minlength=len(counts))
+        try:  # one pass: bincount itself rejects negative ids, and its length reveals the largest id
+            chunk_counts = np.bincount(values, minlength=len(counts))
+        except ValueError:
+            raise ValueError(f"Negative token id in {column!r}.") from None
+        if vocab_size is not None and len(chunk_counts) > vocab_size:
+            raise ValueError(f"Token id {len(chunk_counts) - 1} does not fit a count vector of vocab_size={vocab_size}: "
+                             "the data's vocabulary is larger. Pass the tokenizer's full size (len(tokenizer)) as "
+                             "--vocab_size.")
         if len(chunk_counts) > len(counts):
             counts = np.pad(counts, (0, len(chunk_counts) - len(counts)))
         counts += chunk_counts

@@ -28,11 +28,11 @@ def _auto_class(model_type):
     return AutoModel
 
 
-def load_teacher(name_or_path, trust_remote_code=False):
+def load_teacher(name_or_path, trust_remote_code=False, revision=None):
     """(teacher, missing_keys): the teacher with its LM head; `missing_keys` lists tensors the checkpoint lacked
     (e.g. the MLM head of a sentence-embedding BERT), which transformers initialised at random."""
     try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as err:
         raise FileNotFoundError(
             f"Could not load a teacher config from {name_or_path!r} ({err}). Pass a local model directory or a "
@@ -40,7 +40,7 @@ def load_teacher(name_or_path, trust_remote_code=False):
         ) from err
     auto_class = _auto_class(config.model_type)
     teacher, info = auto_class.from_pretrained(
-        name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True
+        name_or_path, trust_remote_code=trust_remote_code, revision=revision, output_loading_info=True
     )
     return teacher.eval(), sorted(info.get("missing_keys", ()))
 

@@ -1,11 +1,10 @@
 """Save an extracted student atomically: write into a temporary sibling directory, then rename it into place."""
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
+
+from ..atomic import atomic_directory
 
 REPORT_FILE = "extraction_report.json"
 
@@ -27,28 +26,10 @@ def save_student(student, tokenizer, output_dir, overwrite=False, report=None):
     """Write `student` (safetensors + config), `tokenizer` (if not None) and `report` (as extraction_report.json)
     to `output_dir` as one atomic step. Returns the output path."""
     path = check_output_dir(output_dir, overwrite).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should get normal permissions
-    old = None
-    try:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         student.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
-        if path.exists():
-            # Move the old directory aside (not delete) until the new one is in place.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "dir")
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
-            os.replace(old / "dir", path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return path

@@ -1,0 +1,134 @@
+"""The recipe pipeline end to end on tiny offline models and real text: every stage's output, the model card,
+the report, stage caching, and the refusal to overwrite a finished run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from distil_trainer.pipeline import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_teacher(path, family="bert"):
+    """A tiny teacher saved with its tokenizer (no dropout, so runs are reproducible)."""
+    if family == "bert":
+        model = tiny.tiny_bert_mlm(layers=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        tok = tiny.bert_tokenizer()
+    else:
+        model = tiny.tiny_gpt2_lm(layers=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        tok = tiny.gpt2_tokenizer()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def make_corpus(path, n=200):
+    path.write_text("\n".join(tiny.real_lines(n)) + "\n")
+    return str(path)
+
+
+def recipe_argv(tmp_path, teacher, corpus, **overrides):
+    settings = dict(teacher_name=teacher, file_path=corpus, output_dir=str(tmp_path / "run"),
+                    student_layers="0,2", max_length=64, max_steps=6, per_device_train_batch_size=4,
+                    logging_steps=2, save_steps=2, learning_rate=1e-3, report_to="none", use_cpu="true",
+                    seed=56, disable_tqdm="true", freeze_pos_embs="true")
+    settings.update(overrides)
+    argv = []
+    for k, v in settings.items():
+        argv += [f"--{k}", str(v)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def bert_teacher(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "bert")
+
+
+def test_distilbert_style_pipeline(tmp_path, bert_teacher, capsys):
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    argv = recipe_argv(tmp_path, bert_teacher, corpus, student_type="distilbert", report="true")
+    result = main(argv=argv)
+    out = Path(result["output_dir"])
+    student_dir = out / "student"
+
+    # The student: DistilBERT, initialised from teacher layers 0 and 2, trained, reloadable, with a model card.
+    config = json.loads((student_dir / "config.json").read_text())
+    assert config["model_type"] == "distilbert" and config["n_layers"] == 2
+    assert config["distillation"]["teacher_layers"] == [0, 2]
+    assert (student_dir / "model.safetensors").exists() and (student_dir / "tokenizer.json").exists()
+    from transformers import AutoModelForMaskedLM
+
+    trained = AutoModelForMaskedLM.from_pretrained(student_dir)
+    initial = AutoModelForMaskedLM.from_pretrained(out / "student_init")
+    assert not torch.equal(trained.distilbert.transformer.layer[0].attention.q_lin.weight,
+                           initial.distilbert.transformer.layer[0].attention.q_lin.weight)
+    # Frozen position embeddings stayed as extracted.
+    assert torch.equal(trained.distilbert.embeddings.position_embeddings.weight,
+                       initial.distilbert.embeddings.position_embeddings.weight)
+
+    card = (student_dir / "README.md").read_text()
+    for expected in ("alpha_ce", "Temperature", "Layer map", "Training steps", "Tokens seen", "6"):
+        assert expected in card
+    assert result["student_parameters"] < result["teacher_parameters"]
+    assert (out / "report.md").exists() and (out / "loss_curve.png").stat().st_size > 1000
+    assert list(out.glob("data/binarized-*/token_counts.npy"))
+
+    printed = capsys.readouterr().out
+    for stage in ("binarize", "token counts", "load teacher", "extract student", "distil", "save student",
+                  "model card", "report"):
+        assert f"{stage}: " in printed
+
+    # Run again: every stage is reused, nothing is retrained or overwritten.
+    before = (student_dir / "model.safetensors").read_bytes()
+    main(argv=argv)
+    printed = capsys.readouterr().out
+    assert "cache reused" in printed and "reused " in printed
+    assert "distil: skipped" in printed
+    assert (student_dir / "model.safetensors").read_bytes() == before
+
+
+def test_teacher_without_mlm_head_is_refused_unless_fitted(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    teacher_dir = tmp_path / "bare"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=128)).save_pretrained(teacher_dir)
+    tiny.bert_tokenizer().save_pretrained(teacher_dir)
+    corpus = make_corpus(tmp_path / "corpus.txt", n=80)
+    argv = recipe_argv(tmp_path, str(teacher_dir), corpus, student_layers="0", max_steps=2)
+    with pytest.raises(SystemExit):
+        main(argv=argv)
+    assert "has no pretrained LM head" in capsys.readouterr().err
+
+    result = main(argv=argv + ["--fit_teacher_mlm_head_steps", "3"])
+    head_dir = Path(result["teacher_head"])
+    fitted = json.loads((head_dir / "fitted_mlm_head.json").read_text())
+    assert fitted["steps"] == 3
+    # Only the head changed: the body equals the shipped teacher.
+    from transformers import BertForMaskedLM
+
+    shipped = BertModel.from_pretrained(teacher_dir).state_dict()
+    with_head = BertForMaskedLM.from_pretrained(head_dir)
+    for name, value in with_head.bert.state_dict().items():
+        if name in shipped:
+            assert torch.equal(value, shipped[name]), name
+    report = json.loads((Path(result["output_dir"]) / "student_init" / "extraction_report.json").read_text())
+    assert report["randomly_initialised"] == []  # the student copied the fitted head
+
+
+def test_gpt2_pipeline_uses_the_causal_loss(tmp_path):
+    teacher = make_teacher(tmp_path / "gpt2", family="gpt2")
+    corpus = make_corpus(tmp_path / "corpus.txt", n=80)
+    argv = recipe_argv(tmp_path, teacher, corpus, alpha_mlm=0.0, alpha_clm=2.0, max_steps=2)
+    result = main(argv=argv)
+    log = json.loads((Path(result["student_dir"]) / "training_log.json").read_text())
+    assert "loss_clm" in log[0] and "loss_mlm" not in log[0]
+    config = json.loads((Path(result["student_dir"]) / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_layer"] == 2

@@ -1,0 +1,72 @@
+"""Recipe configuration: YAML defaults, command-line overrides, and one-line errors for bad configuration."""
+
+import pytest
+
+from distil_trainer.recipe_args import ConfigError, parse_recipe_args
+
+MINIMAL = "teacher_name: some/teacher\nfile_path: corpus.txt\noutput_dir: {out}\n"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text.format(out=tmp_path / "out"))
+    return str(path)
+
+
+def test_yaml_values_and_command_line_overrides(tmp_path):
+    config = write(tmp_path, MINIMAL + "alpha_ce: 3.0\nlearning_rate: 1.0e-4\nstudent_layers: '0,2'\n")
+    model, data, training, recipe = parse_recipe_args(["--config", config, "--alpha_ce", "4.5"])
+    assert model.teacher_name == "some/teacher" and model.student_layers == "0,2"
+    assert data.file_path == "corpus.txt"
+    assert training.alpha_ce == 4.5  # the command line wins
+    assert training.learning_rate == 1e-4
+    assert recipe.config == config
+
+
+def test_shipped_recipe_configs_parse_with_the_paper_settings():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    for name, lm_term in (("distilbert", "alpha_mlm"), ("distilroberta", "alpha_mlm"), ("distilgpt2", "alpha_clm")):
+        model, data, training, _ = parse_recipe_args([], default_config=str(configs / f"{name}.yaml"))
+        assert (training.alpha_ce, getattr(training, lm_term), training.alpha_cos) == (5.0, 2.0, 1.0)
+        assert training.temperature == 2.0 and training.learning_rate == 5e-4
+        assert (training.adam_beta1, training.adam_beta2, training.adam_epsilon) == (0.9, 0.98, 1e-6)
+        assert training.warmup_steps == 0.05 and training.max_grad_norm == 5.0 and training.weight_decay == 0.0
+        assert training.seed == 56 and training.num_train_epochs == 3 and training.freeze_pos_embs
+        assert training.per_device_train_batch_size * training.gradient_accumulation_steps * 8 == 4096
+        assert model.student_layers == "0,2,4,7,9,11"
+        assert Path(model.student_reference_config).is_file()
+    # DistilmBERT ships no corpus: the user must choose one, and is told so.
+    with pytest.raises(ConfigError, match="set exactly one of file_path"):
+        parse_recipe_args([], default_config=str(configs / "distilmbert.yaml"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("alpha_cee: 1.0\n", "unknown key 'alpha_cee'; did you mean 'alpha_ce'?"),
+    ("learning_rate: fast\n", "recipe.yaml: learning_rate: invalid float value: 'fast'"),
+    ("temperature: -1\n", "temperature=-1.0 must be > 0"),
+])
+def test_bad_yaml_is_one_line_naming_the_key(tmp_path, extra, message):
+    config = write(tmp_path, MINIMAL + extra)
+    with pytest.raises(ConfigError) as err:
+        parse_recipe_args(["--config", config])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_command_line_option_suggests_the_closest(tmp_path):
+    config = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match="unknown option '--temprature'; did you mean '--temperature'"):
+        parse_recipe_args(["--config", config, "--temprature", "3"])
+
+
+def test_missing_required_field(tmp_path):
+    config = write(tmp_path, "file_path: corpus.txt\noutput_dir: x\n")
+    with pytest.raises(ConfigError, match="the following arguments are required: --teacher_name"):
+        parse_recipe_args(["--config", config])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_recipe_args(["--config", str(tmp_path / "nope.yaml")])
