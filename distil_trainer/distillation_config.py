@@ -39,6 +39,14 @@ class DistillationArguments(TrainingArguments):
         metadata={"help": "Keyword arguments for the teacher's `from_pretrained` when `teacher_model` is a name, "
                           "e.g. '{\"dtype\": \"bfloat16\"}'."},
     )
+    nonfinite_loss: str = field(
+        default="skip",
+        metadata={"help": "When a loss term is NaN/inf: 'skip' the update (counted and logged with the term) or "
+                          "'stop' after saving a checkpoint of the last good weights.", "choices": ["skip", "stop"]},
+    )
+    max_consecutive_nonfinite: int = field(
+        default=10, metadata={"help": "Stop (after saving) when this many consecutive updates were skipped."}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a finished run found in output_dir instead of refusing to start."}
     )
@@ -61,6 +69,8 @@ class DistillationArguments(TrainingArguments):
                 f"alpha_mlm={self.alpha_mlm} and alpha_clm={self.alpha_clm} are both set; a student is either a "
                 "masked LM (set alpha_clm=0) or a causal LM (set alpha_mlm=0)."
             )
+        if self.nonfinite_loss not in ("skip", "stop"):
+            raise ValueError(f"nonfinite_loss={self.nonfinite_loss!r}; use 'skip' or 'stop'.")
         if isinstance(self.teacher_model_init_kwargs, str):
             import json
 

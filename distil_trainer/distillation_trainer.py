@@ -7,12 +7,14 @@ gradient accumulation and data parallelism exact, and per-term logging.
 
 import logging
 import os
+import shutil
 from collections import defaultdict
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from . import losses
+from .callbacks import CollatorEpochCallback, NonFiniteLossGuard
 from .checks import check_output_dir, check_student_teacher
 from .distillation_config import DistillationArguments
 from .model_utils import (CAUSAL_LM, LM_HEADS, QUESTION_ANSWERING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION,
@@ -26,17 +28,8 @@ TARGET_KEYS = ("labels", "start_positions", "end_positions")
 # Optional batch key: 0/1 per position, restricting where the token-level (or QA span) KL/MSE is taken.
 DISTILLATION_MASK_KEY = "distillation_mask"
 TERMS = ("ce", "mlm", "clm", "mse", "cos", "task")
+STAGING_DIR = ".checkpoint-staging"
 _TEACHER_TERMS = ("ce", "mse", "cos")
-
-
-class _CollatorEpochCallback(TrainerCallback):
-    """Tells a collator with `set_epoch` (the MLM collator's seeded masking) which epoch it is collating."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.set_epoch(int(state.epoch or 0))
 
 
 class DistillationTrainer(Trainer):
@@ -77,15 +70,22 @@ class DistillationTrainer(Trainer):
         self.teacher = freeze_teacher(teacher_model)
         if self.is_deepspeed_enabled:
             self.teacher = prepare_teacher_for_deepspeed(self.teacher, self.accelerator)
+            logger.info("Teacher: DeepSpeed inference engine, ZeRO stage %s",
+                        self.teacher.zero_optimization_stage())
         elif not getattr(self.teacher, "hf_device_map", None):  # a teacher dispatched over devices stays put
             self.teacher.to(self.args.device)
         if hasattr(self.data_collator, "set_epoch"):
-            self.add_callback(_CollatorEpochCallback(self.data_collator))
+            self.add_callback(CollatorEpochCallback(self.data_collator))
+        self.terms = TERMS
+        self._nonfinite_flags = torch.zeros(len(TERMS), device=self.args.device)
+        self.nonfinite_steps, self.nonfinite_terms, self.stopped_on_nonfinite = 0, {}, False
+        self.add_callback(NonFiniteLossGuard(self))
         # Not wrapped in DDP/FSDP: it has no gradients to synchronise, each rank runs its own replica.
         self._student_inputs = forward_arguments(model)
         self._teacher_inputs = forward_arguments(self.teacher)
         self._weights = args.loss_weights
         self._step_counts = None  # item counts per term over the current optimizer step, all ranks
+        self._staging_checkpoint = False
         self._log_sums = defaultdict(float)
         self._log_counts = defaultdict(float)
 
@@ -98,6 +98,41 @@ class DistillationTrainer(Trainer):
         for column in (DISTILLATION_MASK_KEY, self.args.length_column_name):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
+
+    # ---- checkpoints: written under a staging name, renamed into place when complete ----
+
+    def _get_output_dir(self, trial):
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._staging_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint, made atomic: a crash or a full disk mid-save leaves no half-written
+        `checkpoint-N` for a resume to pick up, and the older checkpoints stay as they were."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(run_dir, STAGING_DIR, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)  # left by a crash during an earlier save
+        self.accelerator.wait_for_everyone()
+        self._staging_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_checkpoint = False
+        self.accelerator.wait_for_everyone()  # every rank has written its files (RNG state, shards)
+        if self.args.should_save:
+            if os.path.exists(final):
+                shutil.rmtree(final)  # the same step saved again (a run restarted with overwrite)
+            os.replace(staged, final)
+            if self.state.best_global_step:
+                best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+                self.state.best_model_checkpoint = best if os.path.exists(best) else None
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         check_output_dir(self.args, resume_from_checkpoint)
@@ -229,6 +264,10 @@ class DistillationTrainer(Trainer):
 
         if model.training:
             self._accumulate_logs(sums, local_counts, agreement)
+            # Flag non-finite terms without a device sync; NonFiniteLossGuard decides once per optimizer step.
+            for t, value in sums.items():
+                self._nonfinite_flags[TERMS.index(t)] += (~torch.isfinite(value.detach())).float().to(
+                    self._nonfinite_flags.device)
         if return_outputs:
             if getattr(student_out, "hidden_states", None) is not None:
                 # Keep hidden states out of what prediction_step gathers as "logits".
@@ -240,8 +279,11 @@ class DistillationTrainer(Trainer):
 
     def _accumulate_logs(self, sums, counts, agreement):
         for t, value in sums.items():
-            self._log_sums[t] += value.detach().float()
-            self._log_counts[t] += counts[TERMS.index(t)]
+            # A non-finite (skipped) micro-batch is left out of the logged means; torch.where avoids a device sync.
+            value = value.detach().float()
+            finite = torch.isfinite(value)
+            self._log_sums[t] += torch.where(finite, value, torch.zeros_like(value))
+            self._log_counts[t] += torch.where(finite, counts[TERMS.index(t)].float(), torch.zeros_like(value))
         if agreement is not None:
             self._log_sums["agreement"] += agreement[0].detach().float()
             self._log_counts["agreement"] += agreement[1]
@@ -261,4 +303,8 @@ class DistillationTrainer(Trainer):
                 logs["teacher_agreement" if k == "agreement" else f"loss_{k}"] = round(value, 6)
             self._log_sums.clear()
             self._log_counts.clear()
+        if "loss" in logs and self.nonfinite_steps:
+            logs["nonfinite_steps_skipped"] = self.nonfinite_steps
+            for t, n in self.nonfinite_terms.items():
+                logs[f"nonfinite_{t}"] = n
         super().log(logs, start_time)

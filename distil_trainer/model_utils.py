@@ -1,6 +1,7 @@
 """What the trainer needs to know about a model: its head, its widths, which embeddings to freeze,
 how to load and place a frozen teacher."""
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -160,3 +161,23 @@ def prepare_teacher_for_deepspeed(teacher, accelerator):
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     engine.eval()
     return engine
+
+
+@contextlib.contextmanager
+def unpartitioned_loading():
+    """Load models with full tensors even when DeepSpeed ZeRO-3 is configured.
+
+    Under ZeRO-3, `from_pretrained` partitions parameters across ranks as it loads; copying layers from a teacher
+    into a student needs the full tensors. The student is partitioned when the Trainer prepares it, and the teacher
+    by `prepare_teacher_for_deepspeed`.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)

@@ -101,6 +101,7 @@ def run_pipeline(model_args, data_args, training_args, recipe_args):
     from .data import binarize, compute_token_counts
     from .data.collators import CausalLMCollator, MaskedLMCollator
     from .distillation_trainer import DistillationTrainer
+    from .model_utils import unpartitioned_loading
     from .reporting import count_parameters
 
     state = PartialState()
@@ -135,7 +136,7 @@ def run_pipeline(model_args, data_args, training_args, recipe_args):
         train_dataset = train_dataset.select(range(min(data_args.max_train_samples, len(train_dataset))))
 
     # 2. teacher
-    with stages.stage("load teacher") as s:
+    with stages.stage("load teacher") as s, unpartitioned_loading():
         teacher, missing = extraction.load_teacher(model_args.teacher_name, model_args.trust_remote_code,
                                                    revision=model_args.teacher_revision)
         missing_head = _missing_head_keys(teacher, missing)
@@ -190,9 +191,9 @@ def run_pipeline(model_args, data_args, training_args, recipe_args):
 
     # 4. student initialised from teacher layers
     init_dir = out / STUDENT_INIT_DIR
-    with stages.stage("extract student") as s, state.main_process_first():
+    with stages.stage("extract student") as s, state.main_process_first(), unpartitioned_loading():
         if (init_dir / "config.json").exists():
-            student = _load_like(teacher, init_dir, model_args.student_type)
+            student = _load_like(teacher, init_dir)
             s["summary"] = f"reused {init_dir}"
         else:
             student, report = extraction.extract_student(
@@ -245,9 +246,14 @@ def run_pipeline(model_args, data_args, training_args, recipe_args):
 
     # 7. model card, 8. report, 9. push: main process only
     if is_main:
-        from transformers import AutoModel
-
-        final_student = AutoModel.from_pretrained(final_dir) if trainer is None else student
+        with unpartitioned_loading():
+            # What was saved, with full tensors (under ZeRO-3 the trained modules hold only their shards).
+            final_student = _load_like(teacher, final_dir)
+            if trainer is not None and trainer.is_deepspeed_enabled:
+                source = result.get("teacher_head") or model_args.teacher_name
+                teacher, _ = extraction.load_teacher(source, model_args.trust_remote_code,
+                                                     revision=None if "teacher_head" in result else
+                                                     model_args.teacher_revision)
         log_history = json.loads((final_dir / TRAINING_LOG).read_text()) if (final_dir / TRAINING_LOG).exists() else []
         with stages.stage("model card") as s:
             speed = _speed(teacher, final_student, train_dataset, collator)
@@ -285,7 +291,7 @@ def run_pipeline(model_args, data_args, training_args, recipe_args):
     return result
 
 
-def _load_like(teacher, directory, student_type):
+def _load_like(teacher, directory):
     """Reload a saved student with the head class of the teacher (DistilBERT for student_type=distilbert)."""
     import transformers
 
@@ -340,7 +346,14 @@ def main(default_config=None, argv=None):
 
     from .recipe_args import parse_recipe_args
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Our own handler: basicConfig does nothing once a library (DeepSpeed, torch.distributed) set up the root.
+    package_logger = logging.getLogger("distil_trainer")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+        package_logger.propagate = False
     try:
         return run_pipeline(*parse_recipe_args(argv, default_config))
     except (ConfigError, FileExistsError) as err:
