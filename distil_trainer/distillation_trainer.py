@@ -5,6 +5,7 @@ a frozen teacher placed like the student, the position masks each term averages 
 gradient accumulation and data parallelism exact, and per-term logging.
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -14,9 +15,11 @@ import torch
 from transformers import Trainer
 
 from . import losses
+from .atomic import write_text_atomic
 from .callbacks import CollatorEpochCallback, NonFiniteLossGuard
 from .checks import check_output_dir, check_student_teacher
 from .distillation_config import DistillationArguments
+from .run_lock import output_dir_lock
 from .model_utils import (CAUSAL_LM, LM_HEADS, QUESTION_ANSWERING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION,
                           forward_arguments, freeze_position_embeddings, freeze_teacher, freeze_token_type_embeddings,
                           head_kind, load_teacher, prepare_teacher_for_deepspeed)
@@ -136,7 +139,19 @@ class DistillationTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         check_output_dir(self.args, resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        lock = output_dir_lock(self.args.output_dir) if self.args.should_save else contextlib.nullcontext()
+        with lock:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        # Trainer pickles the arguments into training_args.bin, Hub token included. Keep them as JSON instead,
+        # where to_json_string masks every *_token field.
+        output_dir = output_dir or self.args.output_dir
+        pickled = os.path.join(output_dir, "training_args.bin")
+        if os.path.exists(pickled):
+            os.remove(pickled)
+        write_text_atomic(os.path.join(output_dir, "training_args.json"), self.args.to_json_string())
 
     # ---- which positions each term averages over ----
 

@@ -20,10 +20,12 @@ import logging
 import os
 import shutil
 import time
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
 from .recipe_args import ConfigError
+from .run_lock import OutputDirInUse
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,10 @@ TRAINING_LOG = "training_log.json"
 SIZE_FIELDS = ("dim", "hidden_size", "n_embd", "n_layers", "num_hidden_layers", "n_layer", "n_heads",
                "num_attention_heads", "n_head", "hidden_dim", "intermediate_size", "vocab_size",
                "max_position_embeddings", "n_positions", "type_vocab_size")
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early on purpose (non-finite loss); checkpoints are intact, no student is saved."""
 
 
 class _Stages:
@@ -91,7 +97,19 @@ def _layers(model_args):
 
 
 def run_pipeline(model_args, data_args, training_args, recipe_args):
-    """Run the whole recipe; returns a dict with the paths and figures of the run."""
+    """Run the whole recipe; returns a dict with the paths and figures of the run.
+
+    The main process holds `output_dir` for the whole run (a second run on it is refused, naming this one)."""
+    from accelerate import PartialState
+
+    from .run_lock import output_dir_lock
+
+    lock = output_dir_lock(training_args.output_dir) if PartialState().is_main_process else contextlib.nullcontext()
+    with lock:
+        return _run_pipeline(model_args, data_args, training_args, recipe_args)
+
+
+def _run_pipeline(model_args, data_args, training_args, recipe_args):
     import torch
     from accelerate import PartialState
     from transformers import AutoTokenizer
@@ -220,6 +238,11 @@ def run_pipeline(model_args, data_args, training_args, recipe_args):
                                           train_dataset=train_dataset, data_collator=collator,
                                           processing_class=tokenizer)
             train_result = trainer.train(resume_from_checkpoint=last)
+            if trainer.stopped_on_nonfinite:
+                raise TrainingStopped(
+                    f"training stopped at step {trainer.state.global_step}: non-finite loss "
+                    f"({', '.join(trainer.nonfinite_terms)}); no student was saved. The last good checkpoint is in "
+                    f"{out}; fix the cause (learning rate, data, precision) and run the same command to resume.")
             s["summary"] = (f"{trainer.state.global_step} steps, final loss "
                             f"{train_result.training_loss:.4f}, {trainer.state.num_input_tokens_seen or 0} tokens")
 
@@ -236,8 +259,6 @@ def run_pipeline(model_args, data_args, training_args, recipe_args):
             if is_main:
                 tokenizer.save_pretrained(partial)
                 (partial / TRAINING_LOG).write_text(json.dumps(trainer.state.log_history, indent=2))
-                for leftover in ("training_args.bin",):
-                    (partial / leftover).unlink(missing_ok=True)
                 if final_dir.exists():
                     shutil.rmtree(final_dir)
                 os.replace(partial, final_dir)
@@ -356,9 +377,12 @@ def main(default_config=None, argv=None):
         package_logger.propagate = False
     try:
         return run_pipeline(*parse_recipe_args(argv, default_config))
-    except (ConfigError, FileExistsError) as err:
+    except (ConfigError, FileExistsError, OutputDirInUse) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
     finally:
         import torch.distributed as dist
 

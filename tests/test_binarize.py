@@ -83,6 +83,7 @@ def test_wrapping_and_rules_match_plain_loop(tmp_path, wiki_file, name, begin, e
     assert s.sequences_split > 0 and s.dropped_short >= 3  # two empty lines and "short line"
 
 
+@pytest.mark.reliability(fault="cache built with another tokenizer", outcome="never reused: a different fingerprint is refused or rebuilt")
 def test_cache_reused_then_invalidated(tmp_path, wiki_file):
     out = tmp_path / "out"
     first = binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verbose=False)
@@ -109,6 +110,7 @@ def test_cache_reused_then_invalidated(tmp_path, wiki_file):
         binarize(other, tiny.bert_tokenizer(), file_path=changed, max_length=64, verbose=False)
 
 
+@pytest.mark.reliability(fault="truncated Arrow cache file", outcome="detected by checksum; binarize rebuilds it, the loader refuses it with a message")
 def test_truncated_cache_is_rebuilt_and_refused_by_loader(tmp_path, wiki_file, caplog):
     out = tmp_path / "out"
     first = binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verbose=False)
@@ -130,6 +132,7 @@ def test_truncated_cache_is_rebuilt_and_refused_by_loader(tmp_path, wiki_file, c
     assert not binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verbose=False).cache_hit
 
 
+@pytest.mark.reliability(fault="crash in the middle of binarization", outcome="nothing published; the next run starts clean")
 def test_crash_mid_way_leaves_no_output(tmp_path, wiki_file, monkeypatch):
     import datasets
 
@@ -178,6 +181,7 @@ def test_pack_blocks_concatenate_kept_sequences(tmp_path, wiki_file):
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
+@pytest.mark.reliability(fault="missing or empty corpus file", outcome="clear error naming the file before any work")
 def test_missing_and_empty_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         binarize(tmp_path / "o", tiny.bert_tokenizer(), file_path=tmp_path / "nope.txt", max_length=64, verbose=False)
@@ -192,6 +196,7 @@ def test_missing_and_empty_input(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.reliability(fault="undecodable bytes in the corpus", outcome="replaced with U+FFFD, counted, first file and line reported")
 def test_undecodable_bytes_counted_with_first_location(tmp_path):
     good = tiny.real_lines(5)
     raw = ("\n".join(good[:2]) + "\n").encode() + b"bad \xff\xfe bytes " + good[2].encode() + b"\n" + \
@@ -204,6 +209,7 @@ def test_undecodable_bytes_counted_with_first_location(tmp_path):
     assert res.stats.sequences_read == 6
 
 
+@pytest.mark.reliability(fault="a 1 MB line", outcome="split into model-sized chunks, no crash")
 def test_one_megabyte_line_is_split(tmp_path):
     line = " ".join(tiny.real_lines(200))
     line = (line + " ") * (1_000_000 // len(line) + 1)
@@ -213,6 +219,7 @@ def test_one_megabyte_line_is_split(tmp_path):
     assert max(res.dataset["length"]) == 128
 
 
+@pytest.mark.reliability(fault="tokenizer without the needed special tokens", outcome="clear error naming the missing tokens")
 def test_tokenizer_without_begin_end_tokens(tmp_path, wiki_file):
     from transformers import PreTrainedTokenizerFast
 

@@ -104,6 +104,7 @@ def test_reseeding_reproduces_and_batches_differ(wiki):
     assert not torch.equal(first["labels"], second["labels"])
 
 
+@pytest.mark.reliability(fault="bad masking proportions, no mask token", outcome="clear error naming the value")
 def test_validation_errors(wiki):
     _, _, counts = wiki
     tok = tiny.bert_tokenizer()

@@ -323,6 +323,7 @@ def test_cli_bert_to_distilbert(teacher_dir, tmp_path, capsys):
     (["--layers", "0,9"], "out of range"),
     (["--layers", "0,2", "--strategy", "first"], "not both"),
 ])
+@pytest.mark.reliability(fault="layer index out of range, bad layer list", outcome="clear error naming the values")
 def test_cli_bad_input(teacher_dir, tmp_path, capsys, extra, message):
     rc = main(["extract", "--model_name", str(teacher_dir), "--dump_checkpoint", str(tmp_path / "o"), *extra])
     assert rc == 2

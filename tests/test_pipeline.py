@@ -16,13 +16,13 @@ from distil_trainer.pipeline import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_teacher(path, family="bert"):
-    """A tiny teacher saved with its tokenizer (no dropout, so runs are reproducible)."""
+def make_teacher(path, family="bert", dropout=0.0):
+    """A tiny teacher saved with its tokenizer (no dropout by default, so runs compare exactly)."""
     if family == "bert":
-        model = tiny.tiny_bert_mlm(layers=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = tiny.tiny_bert_mlm(layers=4, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
         tok = tiny.bert_tokenizer()
     else:
-        model = tiny.tiny_gpt2_lm(layers=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = tiny.tiny_gpt2_lm(layers=4, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
         tok = tiny.gpt2_tokenizer()
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -94,6 +94,7 @@ def test_distilbert_style_pipeline(tmp_path, bert_teacher, capsys):
     assert (student_dir / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.reliability(fault="teacher without an MLM head with alpha_ce > 0", outcome="refused with the two fixes, or the head is fitted with the body frozen when asked")
 def test_teacher_without_mlm_head_is_refused_unless_fitted(tmp_path, capsys):
     from transformers import BertConfig, BertModel
 

@@ -47,6 +47,7 @@ def test_shipped_recipe_configs_parse_with_the_paper_settings():
     ("learning_rate: fast\n", "recipe.yaml: learning_rate: invalid float value: 'fast'"),
     ("temperature: -1\n", "temperature=-1.0 must be > 0"),
 ])
+@pytest.mark.reliability(fault="unknown YAML key, wrong type, bad value", outcome="one line naming the key (closest valid key for a typo)")
 def test_bad_yaml_is_one_line_naming_the_key(tmp_path, extra, message):
     config = write(tmp_path, MINIMAL + extra)
     with pytest.raises(ConfigError) as err:
@@ -61,6 +62,7 @@ def test_unknown_command_line_option_suggests_the_closest(tmp_path):
         parse_recipe_args(["--config", config, "--temprature", "3"])
 
 
+@pytest.mark.reliability(fault="missing required setting", outcome="one line naming the setting")
 def test_missing_required_field(tmp_path):
     config = write(tmp_path, "file_path: corpus.txt\noutput_dir: x\n")
     with pytest.raises(ConfigError, match="the following arguments are required: --teacher_name"):

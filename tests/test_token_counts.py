@@ -41,6 +41,7 @@ def test_counts_equal_counter(binarized):
     np.testing.assert_array_equal(count_tokens(sliced, 30522), counter_vector(sliced["input_ids"], 30522))
 
 
+@pytest.mark.reliability(fault="vocabulary larger than the count vector", outcome="clear error with the fix (recount with --vocab_size)")
 def test_vocabulary_larger_than_vector_is_refused(binarized):
     with pytest.raises(ValueError, match="vocabulary is larger"):
         count_tokens(binarized.dataset, 1000)

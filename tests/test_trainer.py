@@ -114,6 +114,7 @@ def test_teacher_loaded_by_path_with_init_kwargs(tmp_path):
     assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
 
 
+@pytest.mark.reliability(fault="teacher name that cannot be loaded (offline)", outcome="one error naming the teacher and the ways to fix it")
 def test_missing_teacher_path_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match="Could not load the teacher 'no/such-teacher'"):
         DistillationTrainer(model=tiny.tiny_distilbert_mlm(), teacher_model="no/such-teacher",
@@ -170,6 +171,7 @@ def test_freezing_positions_of_a_rotary_model_is_an_error(tmp_path):
 
 # ---- errors before compute is spent ----
 
+@pytest.mark.reliability(fault="teacher/student vocabularies differ", outcome="refused before training, both sizes named")
 def test_vocabulary_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"teacher BertForMaskedLM has 30522 tokens, student DistilBertForMaskedLM "
                                          r"has 1000"):
@@ -208,6 +210,7 @@ def test_mlm_without_labels_in_the_batch(tmp_path):
         trainer.compute_loss(student, dict(batch))
 
 
+@pytest.mark.reliability(fault="training into a finished run's directory", outcome="refused without --overwrite_output_dir; the old model is untouched")
 def test_finished_run_is_not_overwritten(tmp_path):
     tok = tiny.bert_tokenizer()
     out = tmp_path / "out"

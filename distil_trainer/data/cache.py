@@ -31,11 +31,16 @@ def tokenizer_identity(tokenizer):
         raise ValueError(f"{type(tokenizer).__name__} is not a fast (Rust `tokenizers`) tokenizer. Binarization "
                          "needs one for batched tokenization and a reliable cache fingerprint; load it with "
                          "AutoTokenizer.from_pretrained(name) (the default in transformers 5).")
+    # Padding and truncation are call-time settings that any earlier `tokenizer(..., padding=True)` leaves in the
+    # backend; they do not change what binarize produces (it sets its own), so they are not part of the identity.
+    pipeline = json.loads(backend.to_str())
+    pipeline.pop("padding", None)
+    pipeline.pop("truncation", None)
     return {
         "class": type(tokenizer).__name__,
         "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
         "vocab_size": len(tokenizer),
-        "backend_sha256": hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest(),
+        "backend_sha256": hashlib.sha256(json.dumps(pipeline, sort_keys=True).encode("utf-8")).hexdigest(),
         "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
     }
 

@@ -63,11 +63,15 @@ def count_tokens(dataset, vocab_size=None, column="input_ids"):
 def save_counts_atomic(path, counts):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.npy")
-    with open(tmp, "wb") as f:
-        np.save(f, counts, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, counts, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves neither a partial file nor a changed one
+        raise
 
 
 def load_token_counts(path):
