@@ -9,7 +9,8 @@ first in multi-process launches (the other ranks then find its output and reuse 
 Layout of `output_dir`:
     data/binarized-<key>/     tokenized corpus (Arrow) and token_counts.npy (unless data_cache_dir is set)
     teacher_mlm_head/         the teacher with a fitted MLM head (only for teachers shipped without one)
-    student_init/             the student as extracted from the teacher, before distillation
+    student_init/             the student as extracted from the teacher, before distillation (with
+                              --student_init random: the same architecture with fresh random weights)
     checkpoint-<step>/        Trainer checkpoints (optimizer, scheduler, RNG, data position): re-running resumes
     student/                  the distilled student, its tokenizer and model card (README.md): what is pushed
     report.md, loss_curve.png with --report
@@ -30,6 +31,7 @@ from .run_lock import OutputDirInUse
 logger = logging.getLogger(__name__)
 
 STUDENT_DIR, STUDENT_INIT_DIR, TEACHER_HEAD_DIR = "student", "student_init", "teacher_mlm_head"
+RANDOM_INIT = "random"  # student_init value of the random-initialisation ablation
 TRAINING_LOG = "training_log.json"
 # Config fields that fix a student's size, under the names of the families the recipes use.
 SIZE_FIELDS = ("dim", "hidden_size", "n_embd", "n_layers", "num_hidden_layers", "n_layer", "n_heads",
@@ -212,18 +214,28 @@ def _run_pipeline(model_args, data_args, training_args, recipe_args):
     with stages.stage("extract student") as s, state.main_process_first(), unpartitioned_loading():
         if (init_dir / "config.json").exists():
             student = _load_like(teacher, init_dir)
+            _check_student_init(student, model_args.student_init, init_dir)
             s["summary"] = f"reused {init_dir}"
         else:
             student, report = extraction.extract_student(
                 teacher, layers=_layers(model_args), strategy=model_args.layer_strategy,
                 num_layers=model_args.student_num_layers, student_type=model_args.student_type,
                 teacher_missing_keys=missing, return_report=True)
+            if model_args.student_init == RANDOM_INIT:
+                student = _reinitialise(student, report, training_args.seed)
             if is_main:
                 extraction.save_student(student, tokenizer, init_dir, report=report)
-            s["summary"] = f"layers {report.teacher_layers} -> {type(student).__name__} in {init_dir}"
+            s["summary"] = (f"layers {report.teacher_layers} -> {type(student).__name__} in {init_dir}"
+                            + (" (weights RANDOMLY re-initialised)" if model_args.student_init == RANDOM_INIT
+                               else ""))
     if model_args.student_reference_config:
         check_reference_config(student, model_args.student_reference_config)
-    layer_map = student.config.to_dict().get(extraction.CONFIG_KEY, {}).get("teacher_layers")
+    if model_args.student_init == RANDOM_INIT and training_args.freeze_pos_embs:
+        logger.warning("student_init=random with freeze_pos_embs: the position embeddings stay at their random "
+                       "initial values for the whole run.")
+    record = student.config.to_dict().get(extraction.CONFIG_KEY, {})
+    # A re-initialised student took only its shape from the teacher layers: the card shows no layer map.
+    layer_map = None if record.get("student_init") == RANDOM_INIT else record.get("teacher_layers")
 
     # 5. distil (resumes from the last checkpoint when one exists)
     trainer = None
@@ -310,6 +322,31 @@ def _run_pipeline(model_args, data_args, training_args, recipe_args):
                 s["summary"] = f"{repo}: {commit.commit_url}"
     state.wait_for_everyone()
     return result
+
+
+def _reinitialise(student, report, seed):
+    """The student's architecture with fresh weights (the model class's own initialisation, seeded), for the
+    random-initialisation ablation; `report` and the config record say that nothing was copied."""
+    from transformers import set_seed
+
+    from . import extraction
+
+    set_seed(seed)
+    fresh = type(student)(student.config).to(student.dtype).eval()
+    report.copied = {}
+    report.randomly_initialised = sorted(fresh.state_dict())
+    setattr(fresh.config, extraction.CONFIG_KEY, {**report.config_record(), "student_init": RANDOM_INIT})
+    return fresh
+
+
+def _check_student_init(student, wanted, init_dir):
+    """A cached initial student must have been made the way this run asks for."""
+    from . import extraction
+
+    found = student.config.to_dict().get(extraction.CONFIG_KEY, {}).get("student_init", "teacher_layers")
+    if found != wanted:
+        raise ConfigError(f"{init_dir} holds a student with student_init={found}, but this run asks for "
+                          f"student_init={wanted}; use another output_dir (or delete {init_dir}).")
 
 
 def _load_like(teacher, directory):

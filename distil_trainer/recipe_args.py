@@ -26,6 +26,11 @@ class ModelArguments:
     student_reference_config: str | None = field(
         default=None, metadata={"help": "JSON of the original Distil* student config; the extracted student must "
                                         "match its sizes (checked before training)."})
+    student_init: str = field(
+        default="teacher_layers", metadata={"help": "'teacher_layers' (copy the chosen teacher layers) or 'random' "
+                                                    "(same architecture, weights re-initialised: the paper's "
+                                                    "random-initialisation ablation).",
+                                            "choices": ["teacher_layers", "random"]})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Defaults to the teacher's tokenizer."})
     fit_teacher_mlm_head_steps: int = field(
         default=0, metadata={"help": "For a teacher without an MLM head: fit the head on the corpus for this many "
@@ -115,6 +120,18 @@ def _yaml_to_argv(path):
     return argv
 
 
+def _drop(argv, keys):
+    """`argv` (pairs of --key value from a YAML) without the given keys."""
+    out, skip = [], False
+    for arg in argv:
+        if skip and not arg.startswith("--"):
+            continue
+        skip = arg.startswith("--") and arg[2:] in keys
+        if not skip:
+            out.append(arg)
+    return out
+
+
 def _config_path(argv):
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
@@ -155,6 +172,12 @@ def parse_recipe_args(argv=None, default_config=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     config = _config_path(argv) or default_config
     yaml_argv = _yaml_to_argv(config) if config else []
+    # A corpus given on the command line replaces the recipe's corpus, whichever kind the YAML names.
+    cli_keys = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    if "file_path" in cli_keys and "dataset_name" not in cli_keys:
+        yaml_argv = _drop(yaml_argv, ("dataset_name", "dataset_config"))
+    if "dataset_name" in cli_keys and "file_path" not in cli_keys:
+        yaml_argv = _drop(yaml_argv, ("file_path",))
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     yaml_keys = {a[2:] for a in yaml_argv if a.startswith("--")}
     with _OneLineErrors(parser, config, yaml_keys):

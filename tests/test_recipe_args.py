@@ -72,3 +72,13 @@ def test_missing_required_field(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         parse_recipe_args(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_a_corpus_on_the_command_line_replaces_the_recipes(tmp_path):
+    config = write(tmp_path, "teacher_name: t\ndataset_name: wikimedia/wikipedia\ndataset_config: 20231101.en\n"
+                             "output_dir: {out}\n")
+    _, data, _, _ = parse_recipe_args(["--config", config, "--file_path", "mine.txt"])
+    assert (data.file_path, data.dataset_name, data.dataset_config) == ("mine.txt", None, None)
+    config = write(tmp_path, MINIMAL)
+    _, data, _, _ = parse_recipe_args(["--config", config, "--dataset_name", "some/corpus"])
+    assert (data.file_path, data.dataset_name) == (None, "some/corpus")
