@@ -76,6 +76,7 @@ class DistillationTrainer(Trainer):
             logger.info("Teacher: DeepSpeed inference engine, ZeRO stage %s",
                         self.teacher.zero_optimization_stage())
         elif not getattr(self.teacher, "hf_device_map", None):  # a teacher dispatched over devices stays put
+            # Not wrapped in DDP/FSDP: it has no gradients to synchronise, each rank runs its own replica.
             self.teacher.to(self.args.device)
         if hasattr(self.data_collator, "set_epoch"):
             self.add_callback(CollatorEpochCallback(self.data_collator))
@@ -83,7 +84,6 @@ class DistillationTrainer(Trainer):
         self._nonfinite_flags = torch.zeros(len(TERMS), device=self.args.device)
         self.nonfinite_steps, self.nonfinite_terms, self.stopped_on_nonfinite = 0, {}, False
         self.add_callback(NonFiniteLossGuard(self))
-        # Not wrapped in DDP/FSDP: it has no gradients to synchronise, each rank runs its own replica.
         self._student_inputs = forward_arguments(model)
         self._teacher_inputs = forward_arguments(self.teacher)
         self._weights = args.loss_weights

@@ -44,12 +44,12 @@ def test_line_reader_matches_bytes_split(tmp_path_factory, chunks):
     path.write_bytes(raw)
     report = DecodeReport()
     got = list(iter_lines([path], report))
-    expected = raw.split(b"\n")
+    # A leading UTF-8 BOM marks the encoding, it is not text (a file holding only a BOM is empty).
+    content = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    expected = content.split(b"\n")
     if expected and expected[-1] == b"":
         expected.pop()  # a final newline ends the last line, it does not start a new one
     expected = [e[:-1] if e.endswith(b"\r") else e for e in expected]
-    if expected and expected[0].startswith(b"\xef\xbb\xbf"):
-        expected[0] = expected[0][3:]
     assert got == [e.decode("utf-8", errors="replace") for e in expected]
     bad = [i for i, e in enumerate(expected) if _undecodable(e)]
     assert report.lines_with_bad_bytes == len(bad)
