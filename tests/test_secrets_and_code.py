@@ -31,7 +31,8 @@ def test_recipe_run_with_push_never_writes_the_token(tmp_path):
         proc = subprocess.run(
             [sys.executable, str(REPO / "recipes" / "distilbert.py"), "--teacher_name", teacher, "--file_path", corpus,
              "--output_dir", str(out), "--student_layers", "0,2", "--max_length", "48", "--max_steps", "4",
-             "--save_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "tensorboard",
+             "--save_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+             "--report_to", "tensorboard",
              "--report", "true", "--use_cpu", "true", "--push_to_hub", "true", "--hub_model_id", "tester/student",
              "--hub_token", token, "--student_reference_config", ""],
             env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
