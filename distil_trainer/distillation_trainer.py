@@ -20,7 +20,7 @@ from .callbacks import CollatorEpochCallback, NonFiniteLossGuard
 from .checks import check_output_dir, check_student_teacher
 from .distillation_config import DistillationArguments
 from .run_lock import output_dir_lock
-from .model_utils import (CAUSAL_LM, LM_HEADS, QUESTION_ANSWERING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION,
+from .model_utils import (LM_HEADS, QUESTION_ANSWERING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION,
                           forward_arguments, freeze_position_embeddings, freeze_teacher, freeze_token_type_embeddings,
                           head_kind, load_teacher, prepare_teacher_for_deepspeed)
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .atomic import write_text_atomic
 
 # User access tokens ("hf_" + 30+ alphanumerics) and the older "api_" tokens.
 _TOKEN_PATTERN = re.compile(r"\b(hf|api)_[A-Za-z0-9]{20,}\b")
@@ -194,14 +195,5 @@ def write_model_card(info: StudentCardInfo, output_dir: str | os.PathLike, overw
     target = output_dir / "README.md"
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it.")
-    text = str(build_model_card(info))
-    fd, tmp = tempfile.mkstemp(prefix=".README.md.", suffix=".tmp", dir=output_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(target, str(build_model_card(info)))
     return target

@@ -112,7 +112,6 @@ def run_pipeline(model_args, data_args, training_args, recipe_args):
 
 
 def _run_pipeline(model_args, data_args, training_args, recipe_args):
-    import torch
     from accelerate import PartialState
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint

@@ -12,7 +12,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -198,18 +197,10 @@ def results_payload(benchmark, task, model_args, distill_args, seeds, per_seed, 
 
 def write_json_atomic(path, payload):
     """Write to a temporary file in the same folder, then rename, so a kept file is never half-written."""
+    from distil_trainer.atomic import write_text_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
     return path
 
 

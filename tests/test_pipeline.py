@@ -2,9 +2,6 @@
 the report, stage caching, and the refusal to overwrite a finished run."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,6 @@
 """Secrets and code: a whole recipe run with a Hub push never writes the token anywhere; weights are
 safetensors; nothing in the package unpickles data or weights; remote code stays off unless asked."""
 
-import os
 import re
 import secrets
 import subprocess

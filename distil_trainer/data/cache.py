@@ -8,6 +8,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from ..atomic import write_text_atomic
+
 HASH_CHUNK = 8 << 20
 
 
@@ -76,13 +78,7 @@ def read_json(path):
 
 
 def write_json_atomic(path, obj):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def new_build_dir(final_path):

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 
 from . import cache
-from .binarize import METADATA_FILE
 
 DEFAULT_COUNTS_FILE = "token_counts.npy"
 
