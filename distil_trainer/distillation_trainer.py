@@ -181,12 +181,14 @@ class DistillationTrainer(Trainer):
             "clm": (labels[..., 1:] != -100).sum() if labels is not None else 0,
             "task": (labels != -100).sum() if self._student_head == TOKEN_CLASSIFICATION else batch_size,
         }
-        return torch.tensor([float(counts[t]) for t in TERMS], dtype=torch.float64)
+        # Stacked on the batch's device without .item(): no host-device sync per micro-batch on GPUs.
+        device = inputs["input_ids"].device
+        return torch.stack([torch.as_tensor(counts[t], dtype=torch.float64, device=device) for t in TERMS])
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batch_samples:
-            counts = sum(self._item_counts(b) for b in batch_samples).to(device)
+            counts = sum(self._item_counts(b).cpu() for b in batch_samples).to(device)
             if self.accelerator.num_processes > 1:
                 counts = self.accelerator.reduce(counts, reduction="sum")
             self._step_counts = counts
@@ -250,7 +252,8 @@ class DistillationTrainer(Trainer):
             sums["clm"] = losses.causal_lm_loss(student_out.logits, inputs["labels"], reduction="sum")
         if "task" in w:
             # The model's own loss is a mean over its items (examples, or labelled tokens for tagging): undo it.
-            sums["task"] = student_out.loss * self._item_counts(inputs)[TERMS.index("task")].item()
+            count = self._item_counts(inputs)[TERMS.index("task")]
+            sums["task"] = student_out.loss * count.to(student_out.loss.dtype)
         return sums, agreement
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
