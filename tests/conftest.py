@@ -15,6 +15,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # so tests can `import
 
 import pytest  # noqa: E402
 
+
+@pytest.fixture
+def restore_process_state():
+    """Undo what benchmark scripts run in-process change: torch's thread count and library log levels."""
+    import logging
+
+    import torch
+
+    threads = torch.get_num_threads()
+    levels = {n: logging.getLogger(n).level for n in ("transformers", "distil_trainer")}
+    yield
+    torch.set_num_threads(threads)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 _rows = []
 
 

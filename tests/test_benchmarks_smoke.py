@@ -3,13 +3,10 @@ plus the parts with a right answer (same first-step loss, the analytic FLOP coun
 the STS-B columns); never timings."""
 
 import importlib.util
-import logging
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
-import torch
 
 import tiny
 
@@ -24,15 +21,8 @@ def load(name):
     return module
 
 
-@pytest.fixture(autouse=True)
-def restore_process_state():
-    """The scripts set torch's thread count and quieten loggers for their own process; undo it for other tests."""
-    threads = torch.get_num_threads()
-    levels = {n: logging.getLogger(n).level for n in ("transformers", "distil_trainer")}
-    yield
-    torch.set_num_threads(threads)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
+# The scripts set torch's thread count and quieten loggers for their process; conftest undoes it for other tests.
+pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 
 def numbers(line):
