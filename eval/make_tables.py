@@ -103,6 +103,12 @@ def percent_of(student, teacher):
     return f"{100.0 * student / teacher:.1f}"
 
 
+def append_percent_of_teacher(rows, scores):
+    """Rows are [teacher, student]; add the "% of teacher" column from their headline scores."""
+    rows[0].append("100.0")
+    rows[1].append(percent_of(scores[1], scores[0]))
+
+
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -129,8 +135,7 @@ def glue_section(models):
             row.append("/".join(f"{v:.1f}" for v in values) if values else MISSING)
         rows.append(row)
     if with_teacher:
-        rows[0].append("100.0")
-        rows[1].append(percent_of(headline[1], headline[0]))
+        append_percent_of_teacher(rows, headline)
     notes = ["Score: per task the mean of its numbers (MNLI m/mm, MRPC and QQP F1/acc, STS-B Pearson/Spearman), "
              "then the mean over tasks."]
     if any_partial:
@@ -160,8 +165,7 @@ def xnli_sections(models):
             averages.append(average)
             rows.append([name, fmt(average)] + [fmt(v) for v in values])
         if with_teacher:
-            rows[0].append("100.0")
-            rows[1].append(percent_of(averages[1], averages[0]))
+            append_percent_of_teacher(rows, averages)
         sections.append(f"### XNLI ({split}, accuracy, zero-shot from English)\n\n" + table(header, rows))
     return sections
 
@@ -178,8 +182,7 @@ def squad_sections(models):
             f1s.append(median.get("f1"))
             rows.append([name, fmt(median.get("exact_match")), fmt(median.get("f1"))])
         if with_teacher:
-            rows[0].append("100.0")
-            rows[1].append(percent_of(f1s[1], f1s[0]))
+            append_percent_of_teacher(rows, f1s)
         sections.append(f"### SQuAD {version} (dev)\n\n" + table(header, rows))
     return sections
 
