@@ -170,7 +170,7 @@ def check_shared_teacher(head_dir, shipped_dir, fit_steps):
 
 
 def distil_all(out, sizes, timings):
-    from distil_trainer.demo_inputs import demo_corpus, demo_teacher_dir
+    from distil_trainer.pipeline.demo_inputs import demo_corpus, demo_teacher_dir
     from distil_trainer.pipeline import TEACHER_HEAD_DIR, main as run_recipe
 
     shipped = demo_teacher_dir()

@@ -2,6 +2,11 @@
 
 __version__ = "0.1.0"
 
+from .versions import check_versions
+
+# Fail here, with one line naming the package and version, rather than train with silently wrong gradients.
+check_versions()
+
 # Imported on first use so that `distil-trainer --help` and the data tools do not pay for importing Trainer.
 _LAZY = {
     "DistillationArguments": "distil_trainer.distillation_config",

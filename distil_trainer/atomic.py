@@ -8,6 +8,21 @@ import tempfile
 from pathlib import Path
 
 
+def current_umask():
+    """The process umask. Read from /proc where it can be (os.umask can only be read by setting it, which
+    for a moment gives files created by other threads the wrong mode)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_directory(final_path, overwrite=False):
     """Yield a temporary directory; on success it replaces `final_path` in one rename.
@@ -23,9 +38,7 @@ def atomic_directory(final_path, overwrite=False):
                               "another path.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; outputs get the user's normal permissions
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; outputs get the user's normal permissions
     old = None
     try:
         yield tmp
@@ -44,11 +57,14 @@ def atomic_directory(final_path, overwrite=False):
 
 
 def write_text_atomic(path, text):
-    """Write a text file through a temporary sibling and a rename."""
+    """Write a text file through a temporary sibling and a rename. The file gets the mode a plain `open()` would
+    give it (0666 less the umask): mkstemp's private 0600 would hide model cards, arguments and cache metadata
+    from the other users of a shared folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -1,8 +1,9 @@
-"""Trainer callbacks that `DistillationTrainer` installs for itself."""
+"""Trainer callbacks that `DistillationTrainer` installs for itself, and the weight check behind its saves."""
 
 import logging
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -23,21 +24,48 @@ class NonFiniteLossGuard(TrainerCallback):
 
     `compute_loss` flags each non-finite term without synchronising. Before the optimizer step all ranks
     all-reduce the flags (one small collective per step), so every rank takes the same decision at the same step
-    and none waits for another. Skipping drops the gradients, so the optimizer leaves weights and moments as
-    they were; "stop" also asks the Trainer to save a checkpoint of those untouched weights and to stop.
+    and none waits for another.
+
+    A skipped update changes nothing but the Trainer's step counter (and the data position):
+    - PyTorch optimizers (one process, DDP, FSDP): the gradients are dropped, so `optimizer.step()` has nothing to
+      apply and the weights, Adam's moments and its per-parameter step counts stay as they were; the optimizer is
+      marked as having skipped its step, which is what the Trainer checks before stepping the LR scheduler (the
+      signal fp16's GradScaler raises on overflow), so the learning rate does not advance either. With fp16 the
+      GradScaler skips the step on the non-finite gradients by itself (and lowers its loss scale, as it does for
+      any overflow).
+    - DeepSpeed applies the update inside `backward()`, before this callback runs. Its own overflow check skips a
+      step whose gradients are non-finite, which is what a non-finite loss gives: optimizer state and schedule are
+      left as they were. If DeepSpeed applied the step all the same (its checks are off, e.g. bf16
+      `check_grad_overflow: false` or `compute_grad_norm: false`), the run stops and that state is never saved.
+    `nonfinite_loss="stop"`, or `max_consecutive_nonfinite` skips in a row, stops after saving a checkpoint of
+    the (untouched) weights.
     """
 
     def __init__(self, trainer):
         self.trainer = trainer
         self.consecutive = 0
+        self.discard_state = False  # DeepSpeed applied a non-finite update: nothing may be saved from here on
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def _bad_terms(self):
         trainer = self.trainer
         flags = trainer._nonfinite_flags
         if trainer.accelerator.num_processes > 1:
             flags = trainer.accelerator.reduce(flags.clone(), reduction="sum")
         trainer._nonfinite_flags = torch.zeros_like(trainer._nonfinite_flags)
-        bad_terms = [t for t, n in zip(trainer.terms, flags.tolist()) if n > 0]
+        return [t for t, n in zip(trainer.terms, flags.tolist()) if n > 0]
+
+    def _mark_optimizer_step_skipped(self, skipped):
+        """Tell the Trainer the optimizer did not step, so that it does not step the LR scheduler either."""
+        optimizer = self.trainer.optimizer
+        if isinstance(optimizer, AcceleratedOptimizer) and self.trainer.accelerator.scaler is None:
+            # accelerate sets this itself only when a GradScaler is in use; without one it is ours to set and reset.
+            optimizer._is_overflow = skipped
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        trainer = self.trainer
+        bad_terms = self._bad_terms()
+        if not trainer.is_deepspeed_enabled:
+            self._mark_optimizer_step_skipped(bool(bad_terms))
         if not bad_terms:
             self.consecutive = 0
             return
@@ -45,22 +73,53 @@ class NonFiniteLossGuard(TrainerCallback):
         trainer.nonfinite_steps += 1
         for t in bad_terms:
             trainer.nonfinite_terms[t] = trainer.nonfinite_terms.get(t, 0) + 1
-        if trainer.is_deepspeed_enabled:
-            # DeepSpeed applies the update inside backward(); it cannot be skipped here. Stop before saving it.
-            logger.error("Non-finite %s at step %d under DeepSpeed: stopping without saving this state; the last "
-                         "checkpoint is intact and a re-run resumes from it.", bad_terms, state.global_step + 1)
-            trainer.stopped_on_nonfinite = True
+        step = state.global_step + 1
+        if trainer.is_deepspeed_enabled and trainer.model_wrapped.was_step_applied():
+            logger.error("Non-finite %s at step %d, and DeepSpeed applied that update (its overflow checks are off): "
+                         "stopping without saving this state. The last checkpoint is intact and a re-run resumes "
+                         "from it; keep DeepSpeed's overflow checks on so that such steps are skipped.",
+                         ", ".join(bad_terms), step)
+            trainer.stopped_on_nonfinite = self.discard_state = True
             control.should_training_stop = True
             control.should_save = False
             return
-        if trainer.accelerator.scaler is None:  # fp16's GradScaler skips non-finite steps by itself
+        if not trainer.is_deepspeed_enabled and trainer.accelerator.scaler is None:
             for p in model.parameters():
                 p.grad = None
         stop = args.nonfinite_loss == "stop" or self.consecutive >= args.max_consecutive_nonfinite
-        logger.warning("Non-finite %s at step %d: update skipped (%d skipped so far)%s", ", ".join(bad_terms),
-                       state.global_step + 1, trainer.nonfinite_steps,
+        logger.warning("Non-finite %s at step %d: update skipped (%d skipped so far)%s", ", ".join(bad_terms), step,
+                       trainer.nonfinite_steps,
                        "; stopping after saving a checkpoint of the last good weights" if stop else "")
         if stop:
             trainer.stopped_on_nonfinite = True
             control.should_training_stop = True
             control.should_save = True
+
+    # The Trainer's own flow (DefaultFlowCallback, which runs before this callback) asks for a save on save steps,
+    # at the last step and at epoch ends; a discarded state must not be saved on any of them.
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.discard_state:
+            control.should_save = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.discard_state:
+            control.should_save = False
+
+
+def _local_shard(param):
+    """This rank's part of a parameter: ds_tensor under ZeRO-3, the local shard of an FSDP2 DTensor, else itself."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def nonfinite_parameters(model, accelerator):
+    """Names of the parameters holding NaN or inf on any rank (each rank checks its own shard). Collective: call it
+    on every rank; all get the same answer."""
+    from .model_utils import unwrap
+
+    named = list(unwrap(model).named_parameters())
+    bad = torch.stack([~torch.isfinite(_local_shard(p).detach()).all() for _, p in named]).int()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad.to(accelerator.device), reduction="sum")
+    return [name for (name, _), n in zip(named, bad.tolist()) if n]

@@ -1,17 +1,24 @@
 """Checks run before any compute is spent: is this teacher usable for this student and these loss weights?"""
 
+import logging
 import os
 
 from .model_utils import (BARE, CAUSAL_LM, LM_HEADS, MASKED_LM, SEQUENCE_CLASSIFICATION, TASK_HEADS, head_kind,
-                          hidden_size, unwrap, vocab_size)
+                          hidden_size, load_tokenizer, unwrap, vocab_size)
+
+logger = logging.getLogger(__name__)
 
 
 def _name(model):
     return type(unwrap(model)).__name__
 
 
-def check_student_teacher(student, teacher, args):
-    """Raise ValueError naming both values and the fix when the pair cannot be trained with `args`."""
+def check_student_teacher(student, teacher, args, tokenizer=None, teacher_tokenizer=None):
+    """Raise ValueError naming both values and the fix when the pair cannot be trained with `args`.
+
+    Returns the number of leading vocabulary entries the logit terms compare (see `shared_vocab_size`): None when
+    both models have the same vocabulary size.
+    """
     weights = args.loss_weights
     s_head, t_head = head_kind(student), head_kind(teacher)
 
@@ -25,13 +32,7 @@ def check_student_teacher(student, teacher, args):
         raise ValueError(f"alpha_task={args.alpha_task} needs a task head (classification, QA, token tagging), but the "
                          f"student is {_name(student)}; set alpha_task=0.")
 
-    s_vocab, t_vocab = vocab_size(student), vocab_size(teacher)
-    if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
-        raise ValueError(
-            f"Teacher and student vocabularies differ: teacher {_name(teacher)} has {t_vocab} tokens, student "
-            f"{_name(student)} has {s_vocab}. Both read the same token ids, so they must share the teacher's "
-            "tokenizer: build the student with vocab_size equal to the teacher's (distil-trainer extract does)."
-        )
+    shared_vocab = shared_vocab_size(student, teacher, tokenizer, teacher_tokenizer)
 
     logit_terms = [f"alpha_{k}={weights[k]}" for k in ("ce", "mse") if k in weights]
     if logit_terms:
@@ -61,6 +62,50 @@ def check_student_teacher(student, teacher, args):
                 f"alpha_cos={args.alpha_cos} compares hidden states, but the teacher's hidden size is {t_width} and the "
                 f"student's is {s_width}. Set alpha_cos=0, or give the student the teacher's width."
             )
+    return shared_vocab
+
+
+def _tokenizer_name(tokenizer):
+    return f"{type(tokenizer).__name__} {getattr(tokenizer, 'name_or_path', '') or '(unnamed)'!r} ({len(tokenizer)} tokens)"
+
+
+def shared_vocab_size(student, teacher, tokenizer=None, teacher_tokenizer=None):
+    """How many leading vocabulary entries teacher and student logits are compared over (None: all, same size).
+
+    Models of one tokenizer often pad their vocabularies to different sizes (Qwen2.5: 151,936 rows for the small
+    models, 152,064 for the large ones): the rows past the tokenizer's length are tokens no text maps to, so the
+    logits are compared over the shared leading range. That is only sound when both models use the same tokenizer,
+    so both must be given (`tokenizer`: the one the data is tokenized with, `teacher_tokenizer`: the teacher's, or
+    its name/path to load it from), have the same vocabulary, and fit in the shared range.
+    """
+    s_vocab, t_vocab = vocab_size(student), vocab_size(teacher)
+    if s_vocab is None or t_vocab is None or s_vocab == t_vocab:
+        return None
+    if isinstance(teacher_tokenizer, str):
+        teacher_tokenizer = load_tokenizer(teacher_tokenizer)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor: its text tokenizer
+    teacher_tokenizer = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)
+    sizes = f"teacher {_name(teacher)} has {t_vocab} vocabulary rows, student {_name(student)} has {s_vocab}"
+    if tokenizer is None or teacher_tokenizer is None:
+        raise ValueError(
+            f"Teacher and student vocabularies differ: {sizes}. If both use one tokenizer and only pad the vocabulary "
+            "differently, pass that tokenizer as processing_class= and the teacher's as teacher_processing_class= "
+            "(given a teacher name, it is loaded from there): the logits are then compared over the shared range. "
+            "Otherwise build the student with the teacher's tokenizer and vocab_size (distil-trainer extract does).")
+    if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError(
+            f"Teacher and student use different tokenizers: the data's (student) tokenizer is "
+            f"{_tokenizer_name(tokenizer)}, the teacher's is {_tokenizer_name(teacher_tokenizer)}, and {sizes}. "
+            "Their token ids do not mean the same tokens, so their logits cannot be compared; distil a student that "
+            "uses the teacher's tokenizer.")
+    shared = min(s_vocab, t_vocab)
+    if len(tokenizer) > shared:
+        raise ValueError(
+            f"The tokenizer {_tokenizer_name(tokenizer)} has ids past the smaller vocabulary ({sizes}); resize that "
+            f"model's embeddings to at least {len(tokenizer)} rows.")
+    logger.info("Teacher and student vocabularies differ (%s); comparing logits over the shared first %d entries "
+                "of tokenizer %s.", sizes, shared, _tokenizer_name(tokenizer))
+    return shared
 
 
 # Files that `Trainer.save_model` leaves at the top of output_dir when a run has finished.

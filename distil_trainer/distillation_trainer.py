@@ -16,13 +16,14 @@ from transformers import Trainer
 
 from . import losses
 from .atomic import write_text_atomic
-from .callbacks import CollatorEpochCallback, NonFiniteLossGuard
+from .callbacks import CollatorEpochCallback, NonFiniteLossGuard, nonfinite_parameters
 from .checks import check_output_dir, check_student_teacher
 from .distillation_config import DistillationArguments
+from .intermediate import IntermediateTerms, saving_projections
 from .run_lock import output_dir_lock
 from .model_utils import (LM_HEADS, QUESTION_ANSWERING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION,
                           forward_arguments, freeze_position_embeddings, freeze_teacher, freeze_token_type_embeddings,
-                          head_kind, load_teacher, prepare_teacher_for_deepspeed)
+                          head_kind, load_teacher, prepare_teacher_for_deepspeed, unwrap, uses_token_type_ids)
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +31,9 @@ logger = logging.getLogger(__name__)
 TARGET_KEYS = ("labels", "start_positions", "end_positions")
 # Optional batch key: 0/1 per position, restricting where the token-level (or QA span) KL/MSE is taken.
 DISTILLATION_MASK_KEY = "distillation_mask"
-TERMS = ("ce", "mlm", "clm", "mse", "cos", "task")
+TERMS = ("ce", "mlm", "clm", "mse", "cos", "task", "hidden", "attn", "relation")
 STAGING_DIR = ".checkpoint-staging"
-_TEACHER_TERMS = ("ce", "mse", "cos")
+_TEACHER_TERMS = ("ce", "mse", "cos", "hidden", "attn", "relation")
 
 
 class DistillationTrainer(Trainer):
@@ -40,16 +41,20 @@ class DistillationTrainer(Trainer):
 
     Args:
         model: the student.
-        teacher_model: the teacher, as a model or as a Hub name / local path (loaded with the Auto class matching
-            the student's head and `args.teacher_model_init_kwargs`, e.g. `{"dtype": "bfloat16"}`).
+        teacher_model: the teacher, as a model or as a Hub name / local path / GGUF file (`file.gguf` or
+            `folder::file.gguf`), loaded with the Auto class matching the student's head and
+            `args.teacher_model_init_kwargs`, e.g. `{"dtype": "bfloat16"}`.
         args: `DistillationArguments`.
+        teacher_processing_class: the teacher's tokenizer, needed only when the two vocabularies have different
+            sizes (compared over their shared range if it is the tokenizer of the data); loaded from the teacher's
+            name when the teacher is given as one.
         Other arguments are those of `transformers.Trainer`.
     """
 
     # compute_loss divides each term by its item count over the whole optimizer step (see get_batch_samples).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model=None, teacher_model=None, args=None, **kwargs):
+    def __init__(self, model=None, teacher_model=None, args=None, teacher_processing_class=None, **kwargs):
         if not isinstance(args, DistillationArguments):
             raise TypeError(f"args must be DistillationArguments, got {type(args).__name__}.")
         if model is None:
@@ -58,15 +63,29 @@ class DistillationTrainer(Trainer):
             raise ValueError("DistillationTrainer needs teacher_model= (a model, a Hub name or a local path).")
         self._student_head = head_kind(model)
         if isinstance(teacher_model, (str, os.PathLike)):
+            # Its tokenizer is loaded from the same place only if the vocabulary sizes differ (shared_vocab_size).
+            teacher_processing_class = teacher_processing_class or str(teacher_model)
             teacher_model = load_teacher(str(teacher_model), self._student_head, args.teacher_model_init_kwargs)
         elif args.teacher_model_init_kwargs:
             logger.warning("teacher_model_init_kwargs is ignored: teacher_model was given already loaded.")
-        check_student_teacher(model, teacher_model, args)
+        # Leading vocabulary entries the logit terms compare: None (all) unless the two vocabularies are padded
+        # differently around one tokenizer.
+        self._shared_vocab = check_student_teacher(model, teacher_model, args, kwargs.get("processing_class"),
+                                                   teacher_processing_class)
+        # L_hidden/L_attn/L_relation: eager attention, hooks, and width projections that join the student.
+        self._intermediate = IntermediateTerms(model, teacher_model, args)
+        self._intermediate.attach_projections(model)
         # Freeze before the optimizer is built, so frozen tensors are not even handed to it.
         if args.freeze_pos_embs:
             logger.info("Frozen: %s", freeze_position_embeddings(model))
         if args.freeze_token_type_embds:
             logger.info("Frozen: %s", freeze_token_type_embeddings(model))
+        # Each model is handed the batch columns its own forward takes (read before Trainer picks the columns
+        # to keep): a BERT teacher gets the token_type_ids that a DistilBERT student's forward rejects.
+        self._student_inputs = forward_arguments(model)
+        self._teacher_inputs = forward_arguments(teacher_model)
+        self._warn_missing_segments = uses_token_type_ids(teacher_model) and self._student_head in (
+            SEQUENCE_CLASSIFICATION, QUESTION_ANSWERING)
 
         super().__init__(model=model, args=args, **kwargs)
 
@@ -84,8 +103,6 @@ class DistillationTrainer(Trainer):
         self._nonfinite_flags = torch.zeros(len(TERMS), device=self.args.device)
         self.nonfinite_steps, self.nonfinite_terms, self.stopped_on_nonfinite = 0, {}, False
         self.add_callback(NonFiniteLossGuard(self))
-        self._student_inputs = forward_arguments(model)
-        self._teacher_inputs = forward_arguments(self.teacher)
         self._weights = args.loss_weights
         self._step_counts = None  # item counts per term over the current optimizer step, all ranks
         self._staging_checkpoint = False
@@ -96,11 +113,23 @@ class DistillationTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        # Keep the distillation mask, and the stored lengths that group_by_length sampling reads (otherwise
-        # transformers drops the column and re-measures every example).
-        for column in (DISTILLATION_MASK_KEY, self.args.length_column_name):
+        # Keep the columns only the teacher takes (token_type_ids for a BERT teacher of a DistilBERT student), the
+        # distillation mask, and the stored lengths that group_by_length sampling reads (otherwise transformers
+        # drops the column and re-measures every example). The student's forward filters them out again.
+        teacher_only = sorted(self._teacher_inputs - set(self._signature_columns))
+        for column in (*teacher_only, DISTILLATION_MASK_KEY, self.args.length_column_name):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Without targets Trainer calls model(**inputs) itself, bypassing compute_loss: give the student only the
+        # columns its forward takes (the batch may carry the teacher's token_type_ids or a distillation mask).
+        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+        return_loss = inputs.get("return_loss")
+        loss_without_labels = not self.label_names and (self.can_return_loss if return_loss is None else return_loss)
+        if not (has_labels or loss_without_labels):
+            inputs = {k: v for k, v in inputs.items() if k in self._student_inputs}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # ---- checkpoints: written under a staging name, renamed into place when complete ----
 
@@ -116,6 +145,12 @@ class DistillationTrainer(Trainer):
 
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        bad = nonfinite_parameters(self.model, self.accelerator)
+        if bad:  # a resume would start from them: never write such a checkpoint, whatever asked for it
+            raise RuntimeError(
+                f"Not writing {name}: {len(bad)} student parameters hold NaN/inf ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}). The earlier checkpoints are intact and a re-run resumes from the "
+                "last one; if this recurs, lower the learning rate or set max_grad_norm > 0.")
         staged, final = os.path.join(run_dir, STAGING_DIR, name), os.path.join(run_dir, name)
         if self.args.should_save and os.path.exists(staged):
             shutil.rmtree(staged)  # left by a crash during an earlier save
@@ -144,7 +179,9 @@ class DistillationTrainer(Trainer):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
-        super()._save(output_dir, state_dict)
+        # Checkpoints keep the width projections (for resume); the exported student leaves them out.
+        with saving_projections(self.model) if self._staging_checkpoint else contextlib.nullcontext():
+            super()._save(output_dir, state_dict)
         # Trainer pickles the arguments into training_args.bin, Hub token included. Keep them as JSON instead,
         # where to_json_string masks every *_token field.
         output_dir = output_dir or self.args.output_dir
@@ -180,6 +217,7 @@ class DistillationTrainer(Trainer):
             "mlm": (labels != -100).sum() if labels is not None else 0,
             "clm": (labels[..., 1:] != -100).sum() if labels is not None else 0,
             "task": (labels != -100).sum() if self._student_head == TOKEN_CLASSIFICATION else batch_size,
+            **self._intermediate.item_counts(masks["tokens"]),
         }
         # Stacked on the batch's device without .item(): no host-device sync per micro-batch on GPUs.
         device = inputs["input_ids"].device
@@ -204,10 +242,20 @@ class DistillationTrainer(Trainer):
                 "(distil_trainer.data's MLM or CLM collator), or set the weight to 0."
             )
 
+    def _check_segments(self, inputs):
+        """Warn once when a teacher that reads segment ids gets none on a (likely) sentence-pair task."""
+        if self._warn_missing_segments and "token_type_ids" not in inputs:
+            self._warn_missing_segments = False
+            logger.warning(
+                "The teacher %s reads token_type_ids but the batch has none, so it sees every token as segment 0. "
+                "For sentence pairs and QA, tokenize with return_token_type_ids=True (a DistilBERT tokenizer then "
+                "makes them too).", type(unwrap(self.teacher)).__name__)
+
     def _forward(self, model, inputs, keep, output_hidden_states):
         model_inputs = {k: v for k, v in inputs.items() if k in keep}
         if output_hidden_states:
             model_inputs["output_hidden_states"] = True
+        model_inputs.update(self._intermediate.forward_options())
         return model(**model_inputs)
 
     def _term_sums(self, inputs, student_out, teacher_out):
@@ -223,7 +271,8 @@ class DistillationTrainer(Trainer):
                 if "ce" in w:
                     sums["ce"] = losses.span_soft_target_kl(
                         student_out.start_logits, student_out.end_logits, teacher_out.start_logits,
-                        teacher_out.end_logits, T, mask=mask, reduction="sum")
+                        teacher_out.end_logits, T, mask=mask, reduction="sum", divergence=self.args.divergence,
+                        jsd_beta=self.args.jsd_beta)
                 if "mse" in w:
                     sums["mse"] = sum(losses.logit_mse(getattr(student_out, k).masked_fill(~mask, 0),
                                                        getattr(teacher_out, k).masked_fill(~mask, 0),
@@ -234,12 +283,16 @@ class DistillationTrainer(Trainer):
                 agreement = (agree, 2 * mask.shape[0])
             else:
                 s_logits, t_logits = student_out.logits, teacher_out.logits
+                if self._shared_vocab is not None and head in LM_HEADS:  # one tokenizer, vocabularies padded apart
+                    s_logits, t_logits = s_logits[..., :self._shared_vocab], t_logits[..., :self._shared_vocab]
                 if s_logits.shape != t_logits.shape:
                     raise ValueError(f"Teacher logits {tuple(t_logits.shape)} and student logits "
                                      f"{tuple(s_logits.shape)} differ in shape; they must match position by position.")
                 mask = None if head == SEQUENCE_CLASSIFICATION else masks["logits"]
                 if "ce" in w:
-                    sums["ce"] = losses.soft_target_kl(s_logits, t_logits, T, mask=mask, reduction="sum")
+                    sums["ce"] = losses.soft_target_divergence(s_logits, t_logits, T, mask=mask, reduction="sum",
+                                                               divergence=self.args.divergence,
+                                                               jsd_beta=self.args.jsd_beta)
                 if "mse" in w:
                     sums["mse"] = losses.logit_mse(s_logits, t_logits, mask=mask, reduction="sum")
                 agreement = losses.top1_agreement(s_logits.detach(), t_logits, mask=mask)
@@ -259,16 +312,20 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._check_batch(inputs)
         w = self._weights
-        need_hidden = "cos" in w
+        need_hidden = "cos" in w or self._intermediate.needs_hidden_states
         # The student's LM losses are computed here from its logits; it gets its targets only for a task loss.
         student_keep = self._student_inputs - (set() if "task" in w else set(TARGET_KEYS))
-        student_out = self._forward(model, inputs, student_keep, need_hidden)
-        teacher_out = None
+        with self._intermediate.recording("student") as student_qkv:
+            student_out = self._forward(model, inputs, student_keep, need_hidden)
+        teacher_out = teacher_qkv = None
         if any(t in w for t in _TEACHER_TERMS):
-            with torch.no_grad(), self.accelerator.autocast():
+            self._check_segments(inputs)
+            with torch.no_grad(), self.accelerator.autocast(), self._intermediate.recording("teacher") as teacher_qkv:
                 teacher_out = self._forward(self.teacher, inputs, self._teacher_inputs - set(TARGET_KEYS),
                                             need_hidden)
         sums, agreement = self._term_sums(inputs, student_out, teacher_out)
+        sums.update(self._intermediate.term_sums(student_out, teacher_out, student_qkv, teacher_qkv,
+                                                 self._position_masks(inputs)["tokens"], model.training))
 
         device = next(iter(sums.values())).device
         local_counts = self._item_counts(inputs).to(device)
@@ -287,9 +344,10 @@ class DistillationTrainer(Trainer):
                 self._nonfinite_flags[TERMS.index(t)] += (~torch.isfinite(value.detach())).float().to(
                     self._nonfinite_flags.device)
         if return_outputs:
-            if getattr(student_out, "hidden_states", None) is not None:
-                # Keep hidden states out of what prediction_step gathers as "logits".
-                student_out = type(student_out)(**{k: v for k, v in student_out.items() if k != "hidden_states"})
+            extras = ("hidden_states", "attentions")
+            if any(student_out.get(k) is not None for k in extras):
+                # Keep hidden states and attention maps out of what prediction_step gathers as "logits".
+                student_out = type(student_out)(**{k: v for k, v in student_out.items() if k not in extras})
             return loss, student_out
         return loss
 

@@ -38,35 +38,48 @@ def soft_target_kl(student_logits, teacher_logits, temperature, mask=None, reduc
     """
     s = _fp32(_select(student_logits, mask)) / temperature
     t = _fp32(_select(teacher_logits, mask)) / temperature
-    per_row = (F.softmax(t, dim=-1) * (F.log_softmax(t, dim=-1) - F.log_softmax(s, dim=-1))).sum(-1)
-    return _reduce(per_row * temperature**2, reduction)
+    return _reduce(_kl_rows(s, t) * temperature**2, reduction)
+
+
+def _kl_rows(s, t):
+    """KL(softmax(t) || softmax(s)) over the last dimension, with 0 * log 0 = 0.
+
+    In the xlogy form of the original's `nn.KLDivLoss` (`xlogy(p, p) - p * log q`), a teacher logit of -inf (a
+    token the teacher rules out) adds 0; written as `p * (log p - log q)` it would add 0 * -inf = nan. Where the
+    student also gives -inf, `p * log q` is 0 * -inf too, so it is taken as 0 wherever p is 0.
+    """
+    p = F.softmax(t, dim=-1)
+    cross = (p * F.log_softmax(s, dim=-1)).masked_fill(p == 0, 0.0)
+    return (torch.xlogy(p, p) - cross).sum(-1)
 
 
 def span_soft_target_kl(student_start, student_end, teacher_start, teacher_end, temperature, mask=None,
-                        reduction="mean"):
+                        reduction="mean", divergence="forward_kl", jsd_beta=0.5):
     """L_ce for extractive QA: per example, the mean of the start and end KL over sequence positions.
 
     Logits are [B, L]; `mask` [B, L] marks the candidate positions (context and [CLS]); the others are removed
-    from both softmaxes, so padding and the question carry no probability mass.
+    from both softmaxes, so padding and the question carry no probability mass. `divergence`/`jsd_beta` choose
+    another divergence than the KL (see `divergence_rows`).
     """
-    per_example = (_position_kl(student_start, teacher_start, temperature, mask)
-                   + _position_kl(student_end, teacher_end, temperature, mask)) / 2
+    per_example = (_position_kl(student_start, teacher_start, temperature, mask, divergence, jsd_beta)
+                   + _position_kl(student_end, teacher_end, temperature, mask, divergence, jsd_beta)) / 2
     return _reduce(per_example, reduction)
 
 
-# Added to the scaled logits of excluded positions: exp() of it is exactly 0 in fp32, yet it stays finite, so
-# neither the loss nor its gradient can turn into nan (as -inf would in 0 * inf).
+# Set as the scaled logits of excluded positions: exp() of it is exactly 0 in fp32, and it stays finite, so a row
+# that excludes every position still gives a finite (zero) KL instead of the nan of a softmax over all -inf.
 _EXCLUDED = -1e9
 
 
-def _position_kl(student_logits, teacher_logits, temperature, mask):
-    """Per-row KL(softmax(t/T) || softmax(s/T)) * T^2 for [B, L] logits, over the positions in `mask`."""
+def _position_kl(student_logits, teacher_logits, temperature, mask, divergence="forward_kl", jsd_beta=0.5):
+    """Per-row KL(softmax(t/T) || softmax(s/T)) * T^2 (or another divergence) for [B, L] logits, over the
+    positions in `mask`."""
     s = _fp32(student_logits) / temperature
     t = _fp32(teacher_logits) / temperature
     if mask is not None:
         s = s.masked_fill(~mask.bool(), _EXCLUDED)
         t = t.masked_fill(~mask.bool(), _EXCLUDED)
-    return (F.softmax(t, dim=-1) * (F.log_softmax(t, dim=-1) - F.log_softmax(s, dim=-1))).sum(-1) * temperature**2
+    return divergence_rows(s, t, divergence, jsd_beta) * temperature**2
 
 
 def logit_mse(student_logits, teacher_logits, mask=None, reduction="mean"):
@@ -101,3 +114,122 @@ def top1_agreement(student_logits, teacher_logits, mask=None):
     if mask is not None:
         agree = agree[mask.bool()]
     return agree.sum(), agree.numel()
+
+
+# ---- intermediate-layer and attention terms (TinyBERT, MiniLM/MiniLMv2) ----
+
+def hidden_state_distance(student_hidden, teacher_hidden, mask=None, metric="mse", reduction="mean"):
+    """Distance between a student layer's hidden states and its mapped teacher layer's, per selected token (L_hidden).
+
+    `student_hidden` must already be at the teacher's width (projected when the widths differ); both are [..., D],
+    `mask` [...] selects the tokens (non-padding). metric "mse": mean over D of (h_s - h_t)^2 (TinyBERT's MSE, taken
+    per token); "cosine": 1 - cos(h_s, h_t).
+    """
+    s = _fp32(_select(student_hidden, mask))
+    t = _fp32(_select(teacher_hidden, mask))
+    if metric == "mse":
+        per_token = (s - t).pow(2).mean(-1)
+    elif metric == "cosine":
+        per_token = 1.0 - F.cosine_similarity(s, t, dim=-1)
+    else:
+        raise ValueError(f"metric={metric!r}; use 'mse' or 'cosine'.")
+    return _reduce(per_token, reduction)
+
+
+def attention_mse(student_attn, teacher_attn, mask=None, reduction="mean"):
+    """TinyBERT's attention loss for one mapped layer: squared difference of the attention maps (L_attn).
+
+    `student_attn`/`teacher_attn`: [B, H, L, L] attention weights (same head count); `mask` [B, L] marks non-padding
+    positions. An item is one (query, key) pair of non-padding positions; its value is the mean over heads of
+    (a_s - a_t)^2. Padding rows and columns are dropped, not multiplied by 0, so whatever a model leaves there
+    (even nan) never reaches the loss.
+    """
+    if student_attn.shape != teacher_attn.shape:
+        raise ValueError(f"Attention maps differ in shape: student {tuple(student_attn.shape)}, teacher "
+                         f"{tuple(teacher_attn.shape)}; alpha_attn needs the same number of heads and positions.")
+    # [B, L, L, H]: the pairs are selected before any arithmetic, so padding never reaches a gradient either.
+    s, t = student_attn.permute(0, 2, 3, 1), teacher_attn.permute(0, 2, 3, 1)
+    if mask is not None:
+        mask = mask.bool()
+        pairs = mask[:, :, None] & mask[:, None, :]
+        s, t = s[pairs], t[pairs]
+    per_pair = (_fp32(s) - _fp32(t)).pow(2).mean(-1)
+    return _reduce(per_pair.reshape(-1), reduction)
+
+
+def _relation_log_probs(x, num_heads, key_mask):
+    """log softmax(x_r x_r^T / sqrt(d_r)) per relation head r, over the non-padding keys: [B, R, L, L]."""
+    batch, length, width = x.shape
+    if width % num_heads:
+        raise ValueError(f"A width of {width} cannot be split into {num_heads} relation heads; choose "
+                         "relation_heads dividing the query/key/value widths of both teacher and student.")
+    d = width // num_heads
+    heads = _fp32(x).reshape(batch, length, num_heads, d).transpose(1, 2)
+    scores = heads @ heads.transpose(-1, -2) / d**0.5
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], _EXCLUDED)
+    return F.log_softmax(scores, dim=-1)
+
+
+def relation_kl(student_x, teacher_x, num_heads, mask=None, reduction="mean"):
+    """MiniLMv2's self-attention relation loss for one relation type (query-query, key-key or value-value).
+
+    `student_x`/`teacher_x`: [B, L, D_s] / [B, L, D_t] outputs of the same kind of projection (widths may differ);
+    each is split into `num_heads` relation heads and turned into relations softmax(x_r x_r^T / sqrt(d_r)) over the
+    non-padding keys of `mask` [B, L]. An item is one non-padding query position; its value is the mean over
+    relation heads of KL(teacher row || student row).
+    """
+    log_s = _relation_log_probs(student_x, num_heads, mask)
+    log_t = _relation_log_probs(teacher_x, num_heads, mask)
+    per_row = (log_t.exp() * (log_t - log_s)).sum(-1).mean(1)  # [B, L]
+    if mask is not None:
+        per_row = per_row[mask.bool()]
+    return _reduce(per_row.reshape(-1), reduction)
+
+
+# ---- divergences for L_ce beside the forward KL (reverse KL, generalised JSD, total variation) ----
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv")
+
+
+def _kl_log_rows(log_p, log_q):
+    """KL(p || q) over the last dimension from log-probabilities, with 0 * log 0 = 0 (as in `_kl_rows`)."""
+    p = log_p.exp()
+    # Masked before the product, so neither the value nor a gradient meets 0 * -inf.
+    return (p * (log_p - log_q).masked_fill(p == 0, 0.0)).sum(-1)
+
+
+def divergence_rows(s, t, divergence="forward_kl", jsd_beta=0.5):
+    """Per-row divergence between softmax(t) (teacher) and softmax(s) (student) over the last dimension.
+
+    forward_kl: KL(P_t || P_s); reverse_kl: KL(P_s || P_t); tv: 0.5 * sum |P_t - P_s|;
+    jsd: GKD's generalised Jensen-Shannon divergence, in TRL's convention (`jsd_beta` weighs the teacher):
+    beta * KL(P_t || M) + (1 - beta) * KL(P_s || M) with M = beta * P_t + (1 - beta) * P_s. As in TRL,
+    beta = 0 gives the forward KL and beta = 1 the reverse KL (the formula itself would give 0 at both ends).
+    """
+    if divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0):
+        return _kl_rows(s, t)
+    if divergence == "reverse_kl" or (divergence == "jsd" and jsd_beta == 1):
+        return _kl_rows(t, s)
+    if divergence == "tv":
+        return 0.5 * (F.softmax(t, dim=-1) - F.softmax(s, dim=-1)).abs().sum(-1)
+    if divergence == "jsd":
+        if not 0 < jsd_beta < 1:
+            raise ValueError(f"jsd_beta={jsd_beta} must be in [0, 1].")
+        log_t, log_s = F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1)
+        beta = torch.tensor(jsd_beta, dtype=log_s.dtype, device=log_s.device)
+        log_m = torch.logaddexp(log_t + beta.log(), log_s + torch.log1p(-beta))
+        return beta * _kl_log_rows(log_t, log_m) + (1 - beta) * _kl_log_rows(log_s, log_m)
+    raise ValueError(f"divergence={divergence!r}; use one of {', '.join(DIVERGENCES)}.")
+
+
+def soft_target_divergence(student_logits, teacher_logits, temperature, mask=None, reduction="mean",
+                           divergence="forward_kl", jsd_beta=0.5):
+    """L_ce with a chosen divergence: divergence(softmax(t/T), softmax(s/T)) * T^2 per selected row.
+
+    With divergence="forward_kl" this is `soft_target_kl`. The T^2 factor is applied to every divergence, so the
+    gradient scale stays comparable across temperatures as for the KL (Hinton et al., 2015).
+    """
+    s = _fp32(_select(student_logits, mask)) / temperature
+    t = _fp32(_select(teacher_logits, mask)) / temperature
+    return _reduce(divergence_rows(s, t, divergence, jsd_beta) * temperature**2, reduction)

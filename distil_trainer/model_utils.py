@@ -5,6 +5,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import os
 
 import torch
 
@@ -71,18 +72,75 @@ def forward_arguments(model) -> set:
     return set(inspect.signature(unwrap(model).forward).parameters)
 
 
+def uses_token_type_ids(model) -> bool:
+    """Whether `model` reads segment ids: its forward takes `token_type_ids` and it has more than one type.
+
+    BERT (2 types) does; DistilBERT (no such argument) does not; RoBERTa (1 type) takes them but has only
+    segment 0, so giving it the 1s of a pair would index past its embedding table. GPT-2 takes them but looks
+    them up in its word embeddings (no `type_vocab_size`), so it is left to its default too.
+    """
+    if model is None or "token_type_ids" not in forward_arguments(model):
+        return False
+    types = getattr(unwrap(model).config.get_text_config(), "type_vocab_size", None)
+    return types is not None and types > 1
+
+
+GGUF_FILE_SEPARATOR = "::"
+
+
+def resolve_gguf(name_or_path: str) -> tuple[str, dict]:
+    """(what from_pretrained loads, extra keyword arguments) for a model name that may point into a GGUF file.
+
+    `path/to/model.gguf` and `folder_or_hub_repo::model.gguf` become (folder, {"gguf_file": "model.gguf"}), which
+    transformers de-quantizes into a regular model (Llama, Qwen2, Mistral, GPT-2, ...); any other name is returned
+    unchanged with no extra arguments.
+    """
+    text = str(name_or_path)
+    if GGUF_FILE_SEPARATOR in text:
+        folder, file = text.split(GGUF_FILE_SEPARATOR, 1)
+        if not file.endswith(".gguf"):
+            raise ValueError(f"{text!r}: the part after {GGUF_FILE_SEPARATOR!r} must be a .gguf file name, e.g. "
+                             f"'my/folder{GGUF_FILE_SEPARATOR}model.Q4_1.gguf'.")
+    elif text.endswith(".gguf"):
+        folder, file = os.path.split(text)
+    else:
+        return text, {}
+    require_gguf(text)
+    return folder or ".", {"gguf_file": file}
+
+
+def require_gguf(what: str):
+    """Raise ImportError naming the fix when the `gguf` package transformers reads GGUF files with is missing."""
+    from transformers.utils import is_gguf_available
+    from transformers.utils.import_utils import GGUF_MIN_VERSION
+
+    if not is_gguf_available():
+        raise ImportError(f"Loading {what!r} needs the gguf package (>= {GGUF_MIN_VERSION}), which transformers "
+                          "reads GGUF files with: pip install gguf  (or pip install 'distil_trainer[gguf]').")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """AutoTokenizer for a Hub name, a local directory or a GGUF file (see `resolve_gguf`)."""
+    from transformers import AutoTokenizer
+
+    name, gguf_kwargs = resolve_gguf(name_or_path)
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **gguf_kwargs)
+
+
 def load_teacher(name_or_path: str, student_head: str, init_kwargs: dict | None = None):
-    """Load a teacher by Hub name or local path with the Auto class that matches the student's head."""
+    """Load a teacher by Hub name, local path or GGUF file (see `resolve_gguf`) with the Auto class that matches
+    the student's head."""
     import transformers
 
-    kwargs = dict(init_kwargs or {})
+    source, gguf_kwargs = resolve_gguf(name_or_path)
+    kwargs = {**gguf_kwargs, **(init_kwargs or {})}
     kwargs.setdefault("trust_remote_code", False)
     dtype = kwargs.get("dtype")
     if isinstance(dtype, str) and dtype != "auto":
         kwargs["dtype"] = getattr(torch, dtype)
     auto_class = getattr(transformers, _AUTO_CLASS_FOR_HEAD[student_head])
     try:
-        return auto_class.from_pretrained(name_or_path, **kwargs)
+        return auto_class.from_pretrained(source, **kwargs)
     except OSError as err:
         raise OSError(
             f"Could not load the teacher {name_or_path!r} with {auto_class.__name__}: {err}\n"
@@ -154,7 +212,9 @@ def prepare_teacher_for_deepspeed(teacher, accelerator):
             if zero.get(key) in (None, "auto"):
                 zero[key] = value
     else:
-        zero["stage"] = 0
+        # Stage-1/2 settings only concern gradients and optimizer state, which the teacher has none of (and some,
+        # such as compute_grad_norm=false, are refused at stage 0).
+        zero = config["zero_optimization"] = {"stage": 0}
     for key in list(zero):
         if zero[key] == "auto":
             zero.pop(key)

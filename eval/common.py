@@ -39,6 +39,9 @@ class DistillArguments:
 
     alpha_ce: float = field(default=0.5, metadata={"help": "Weight of KL(teacher || student) on soft targets."})
     alpha_task: float = field(default=0.5, metadata={"help": "Weight of the student's own supervised task loss."})
+    alpha_mse: float = field(default=0.0, metadata={
+        "help": "Weight of the squared teacher-student logit difference; the soft-target term for a regression "
+                "task (STS-B), where --alpha_ce must be 0."})
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the soft targets."})
 
 
@@ -126,6 +129,33 @@ def check_same_vocabulary(student, teacher):
                          f"({teacher.config.vocab_size}) differ; token-level distillation needs a shared tokenizer.")
 
 
+def teacher_reads_segments(teacher):
+    """Whether the teacher reads token_type_ids (BERT does; DistilBERT, RoBERTa and GPT-2 do not)."""
+    from distil_trainer.model_utils import uses_token_type_ids
+
+    return uses_token_type_ids(teacher)
+
+
+def token_type_kwargs(tokenizer, teacher):
+    """Extra tokenizer keyword arguments so that a teacher which reads segment ids gets them: {} or
+    {"return_token_type_ids": True}.
+
+    Why the student's tokenizer asked for segment ids, not the teacher's tokenizer: both models must read the
+    same token ids (same vocabulary), and the student's tokenizer is what the student is evaluated with on its own.
+    A DistilBERT tokenizer leaves token_type_ids out only because DistilBERT has no segment embeddings; its pair
+    template still marks the second sequence, so asked for them it gives what BERT's tokenizer gives. Without
+    them a BERT teacher would see both sentences of every pair (question and context in SQuAD) as segment 0.
+    """
+    if not teacher_reads_segments(teacher):
+        return {}
+    pair = tokenizer("a", "b", return_token_type_ids=True)["token_type_ids"]
+    if not any(pair):
+        raise ValueError(f"The teacher ({type(teacher).__name__}) reads token_type_ids, but the tokenizer "
+                         f"{type(tokenizer).__name__} puts both sequences of a pair in segment 0. Pass the "
+                         "teacher's tokenizer with --tokenizer_name.")
+    return {"return_token_type_ids": True}
+
+
 def training_args_for_seed(training_args, seed, teacher, distill_args, overwrite):
     """Per-seed copy of the user's TrainingArguments (own output folder, own seed); DistillationArguments
     with the distillation weights when a teacher is given."""
@@ -137,8 +167,8 @@ def training_args_for_seed(training_args, seed, teacher, distill_args, overwrite
     DistillationArguments, _ = import_distillation()
     # Task distillation: soft targets + the task loss only (the pre-training terms default to DistilBERT's weights).
     return DistillationArguments(**values, alpha_ce=distill_args.alpha_ce, alpha_task=distill_args.alpha_task,
-                                 temperature=distill_args.temperature, alpha_mlm=0.0, alpha_clm=0.0, alpha_mse=0.0,
-                                 alpha_cos=0.0, overwrite_output_dir=overwrite)
+                                 alpha_mse=distill_args.alpha_mse, temperature=distill_args.temperature,
+                                 alpha_mlm=0.0, alpha_clm=0.0, alpha_cos=0.0, overwrite_output_dir=overwrite)
 
 
 def import_distillation():

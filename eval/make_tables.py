@@ -14,7 +14,10 @@ Conventions (all numbers are medians over seeds, in %, except perplexity):
   is marked with *.
 - XNLI: accuracy per language; Avg is the mean over the languages shown in the row.
 - SQuAD: exact match and F1 (official v1.1 normalisation).
-- "% of teacher": student / teacher on the row's headline number (GLUE Score, XNLI Avg, SQuAD F1).
+- NER: entity-level F1 (seqeval / conlleval) per dataset, on the test split when every model has test
+  scores for that dataset, else on dev; two decimals, as the original release reported them.
+- "% of teacher": student / teacher on the row's headline number (GLUE Score, XNLI Avg, SQuAD F1; for NER
+  one ratio per dataset, in column order).
 """
 
 import argparse
@@ -36,6 +39,9 @@ GLUE_COLUMNS = (
     ("STS-B (Pearson/Spearman)", "stsb", ("pearson", "spearmanr")),
     ("WNLI (acc)", "wnli", ("accuracy",)),
 )
+# (task of run_ner.py's results, column title), in display order
+NER_DATASETS = (("conll2003", "CoNLL-2003"), ("germeval2014", "GermEval 2014"),
+                ("germeval2014-inner", "GermEval 2014 inner"))
 XNLI_ORDER = ("en", "fr", "es", "de", "el", "bg", "ru", "tr", "ar", "vi", "th", "zh", "hi", "sw", "ur")
 MISSING = "-"
 
@@ -187,6 +193,34 @@ def squad_sections(models):
     return sections
 
 
+def ner_split(models, task):
+    """Test when every model with results for the task has test F1 (the split the papers report), else dev."""
+    medians = [results[("ner", task)]["median"] for _, results in models if ("ner", task) in results]
+    return "test" if all("test_f1" in m for m in medians) else "dev"
+
+
+def ner_section(models):
+    present = {task for _, results in models for (bench, task) in results if bench == "ner"}
+    if not present:
+        return []
+    titles = dict(NER_DATASETS)
+    tasks = [t for t, _ in NER_DATASETS if t in present] + sorted(present - set(titles))
+    splits = [ner_split(models, t) for t in tasks]
+    with_teacher = len(models) == 2
+    header = ["Model"] + [f"{titles.get(t, t)} ({split} F1)" for t, split in zip(tasks, splits)]
+    header += ["% of teacher"] if with_teacher else []
+    rows, f1s = [], []
+    for name, results in models:
+        values = [results.get(("ner", t), {}).get("median", {}).get(f"{split}_f1") for t, split in zip(tasks, splits)]
+        values = [None if v is None else 100.0 * v for v in values]
+        f1s.append(values)
+        rows.append([name] + [fmt(v, digits=2) for v in values])
+    if with_teacher:
+        rows[0].append(" / ".join("100.0" for _ in tasks))
+        rows[1].append(" / ".join(percent_of(s, t) for s, t in zip(f1s[1], f1s[0])))
+    return ["### NER (entity-level F1)\n\n" + table(header, rows)]
+
+
 def perplexity_section(models):
     rows = []
     for name, results in models:
@@ -204,19 +238,22 @@ def render_tables(student, teacher=None, student_name="Student", teacher_name="T
     sections = []
     if any(bench == "glue" for _, results in models for bench, _ in results):
         sections.append(glue_section(models))
-    sections += xnli_sections(models) + squad_sections(models) + perplexity_section(models)
+    sections += xnli_sections(models) + squad_sections(models) + ner_section(models) + perplexity_section(models)
     if not sections:
         raise ValueError("No results to tabulate: pass results_*.json files or folders holding them.")
     return "\n\n".join(sections) + "\n"
 
 
 def chart_scores(results):
-    """{label: headline number} for the chart: each GLUE task, SQuAD F1, XNLI mean accuracy."""
+    """{label: headline number} for the chart: each GLUE task, SQuAD F1, NER F1, XNLI mean accuracy."""
     scores = {title.split(" (")[0]: value for title, task, _ in GLUE_COLUMNS
               for t, value in glue_scores(results).items() if t == task}
     for (bench, task), result in sorted(results.items()):
         if bench == "squad":
             scores[f"SQuAD {task} F1"] = result["median"]["f1"]
+        elif bench == "ner":
+            split = "test" if "test_f1" in result["median"] else "dev"
+            scores[f"NER {dict(NER_DATASETS).get(task, task)} F1"] = 100.0 * result["median"][f"{split}_f1"]
         elif bench == "xnli":
             langs = [v for k, v in result["median"].items() if k.startswith("accuracy_") and k != "accuracy_avg"]
             scores[f"XNLI {task}"] = 100.0 * sum(langs) / len(langs)

@@ -142,10 +142,11 @@ def load_hub(dataset_name, task_name, task, need_train):
     return out
 
 
-def tokenize(dataset, tokenizer, task, max_length):
+def tokenize(dataset, tokenizer, task, max_length, tokenizer_kwargs=None):
+    """`tokenizer_kwargs`: extra arguments, e.g. common.token_type_kwargs' segment ids for a BERT teacher."""
     def encode(batch):
         texts = [batch[c] for c in task.text_columns]
-        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+        encoded = tokenizer(*texts, truncation=True, max_length=max_length, **(tokenizer_kwargs or {}))
         encoded["labels"] = batch["label"]
         return encoded
 
@@ -177,7 +178,8 @@ def main(argv=None):
     common.check_head_size(model_args.model_name_or_path, "ForSequenceClassification", num_labels, model_args)
     teacher = common.load_teacher(AutoModelForSequenceClassification, model_args, num_labels)
     tokenizer = common.load_tokenizer(model_args)
-    encoded = {split: tokenize(ds, tokenizer, task, data_args.max_seq_length) for split, ds in raw.items()}
+    segments = common.token_type_kwargs(tokenizer, teacher)
+    encoded = {split: tokenize(ds, tokenizer, task, data_args.max_seq_length, segments) for split, ds in raw.items()}
     compute_metrics = common.classification_metrics(common.load_metric("glue", task_name), regression)
     label_maps = {}
     if not regression:

@@ -101,13 +101,15 @@ def load_examples(data_args, need_train):
     return out
 
 
-def tokenize_windows(tokenizer, examples, data_args):
+def tokenize_windows(tokenizer, examples, data_args, tokenizer_kwargs=None):
+    """`tokenizer_kwargs`: extra arguments, e.g. common.token_type_kwargs' segment ids for a BERT teacher."""
     pad_on_right = tokenizer.padding_side == "right"
     questions = [q.lstrip() for q in examples["question"]]
     first, second = (questions, examples["context"]) if pad_on_right else (examples["context"], questions)
     encoded = tokenizer(first, second, truncation="only_second" if pad_on_right else "only_first",
                         max_length=data_args.max_seq_length, stride=data_args.doc_stride,
-                        return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
+                        return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length",
+                        **(tokenizer_kwargs or {}))
     return encoded, (1 if pad_on_right else 0)
 
 
@@ -115,9 +117,9 @@ def cls_position(tokenizer, input_ids):
     return input_ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in input_ids else 0
 
 
-def prepare_train_features(examples, tokenizer, data_args, with_mask):
+def prepare_train_features(examples, tokenizer, data_args, with_mask, tokenizer_kwargs=None):
     """Windows labelled with the answer's token span, or with [CLS] when the answer is not inside the window."""
-    encoded, context_index = tokenize_windows(tokenizer, examples, data_args)
+    encoded, context_index = tokenize_windows(tokenizer, examples, data_args, tokenizer_kwargs)
     sample_map = encoded.pop("overflow_to_sample_mapping")
     offsets_all = encoded.pop("offset_mapping")
     encoded["start_positions"], encoded["end_positions"] = [], []
@@ -142,9 +144,9 @@ def prepare_train_features(examples, tokenizer, data_args, with_mask):
     return encoded
 
 
-def prepare_eval_features(examples, tokenizer, data_args):
+def prepare_eval_features(examples, tokenizer, data_args, tokenizer_kwargs=None):
     """Windows that remember their question id and, for context tokens only, their character offsets."""
-    encoded, context_index = tokenize_windows(tokenizer, examples, data_args)
+    encoded, context_index = tokenize_windows(tokenizer, examples, data_args, tokenizer_kwargs)
     sample_map = encoded.pop("overflow_to_sample_mapping")
     encoded["example_id"] = []
     for i in range(len(encoded["input_ids"])):
@@ -212,15 +214,17 @@ def main(argv=None):
         raise ValueError("run_squad.py needs a fast tokenizer (offset mappings); this one is not.")
     teacher = common.load_teacher(AutoModelForQuestionAnswering, model_args)
     with_mask = teacher is not None
+    segments = common.token_type_kwargs(tokenizer, teacher)  # a BERT teacher tells question from context by them
 
     train_features = None
     if "train" in raw:
         train_features = raw["train"].map(
             prepare_train_features, batched=True, remove_columns=raw["train"].column_names,
-            fn_kwargs=dict(tokenizer=tokenizer, data_args=data_args, with_mask=with_mask), desc="Train windows")
+            fn_kwargs=dict(tokenizer=tokenizer, data_args=data_args, with_mask=with_mask, tokenizer_kwargs=segments),
+            desc="Train windows")
     eval_features = raw["validation"].map(
         prepare_eval_features, batched=True, remove_columns=raw["validation"].column_names,
-        fn_kwargs=dict(tokenizer=tokenizer, data_args=data_args), desc="Eval windows")
+        fn_kwargs=dict(tokenizer=tokenizer, data_args=data_args, tokenizer_kwargs=segments), desc="Eval windows")
     eval_inputs = eval_features.remove_columns(["example_id", "offset_mapping"])
     references = [{"id": ex["id"], "answers": ex["answers"]} for ex in raw["validation"]]
     metric = common.load_metric("squad")

@@ -101,9 +101,11 @@ def load_hub(data_args, need_train):
     return out
 
 
-def tokenize(dataset, tokenizer, max_length):
+def tokenize(dataset, tokenizer, max_length, tokenizer_kwargs=None):
+    """`tokenizer_kwargs`: extra arguments, e.g. common.token_type_kwargs' segment ids for a BERT teacher."""
     def encode(batch):
-        encoded = tokenizer(batch["premise"], batch["hypothesis"], truncation=True, max_length=max_length)
+        encoded = tokenizer(batch["premise"], batch["hypothesis"], truncation=True, max_length=max_length,
+                            **(tokenizer_kwargs or {}))
         encoded["labels"] = batch["label"]
         return encoded
 
@@ -130,7 +132,8 @@ def main(argv=None):
     common.check_head_size(model_args.model_name_or_path, "ForSequenceClassification", num_labels, model_args)
     teacher = common.load_teacher(AutoModelForSequenceClassification, model_args, num_labels)
     tokenizer = common.load_tokenizer(model_args)
-    encoded = {name: tokenize(ds, tokenizer, data_args.max_seq_length) for name, ds in raw.items()}
+    segments = common.token_type_kwargs(tokenizer, teacher)
+    encoded = {name: tokenize(ds, tokenizer, data_args.max_seq_length, segments) for name, ds in raw.items()}
     compute_metrics = common.classification_metrics(common.load_metric("xnli"))
     print(f"XNLI: {len(raw.get('train', []))} training examples; evaluating on "
           + ", ".join(f"{lang} ({len(raw[lang])})" for lang in languages), flush=True)

@@ -12,9 +12,9 @@ measured CPU inference speed) under runs/demo.
 import sys
 from pathlib import Path
 
-from distil_trainer.demo_inputs import demo_corpus, demo_teacher_dir
+from distil_trainer.pipeline.demo_inputs import demo_corpus, demo_teacher_dir
 from distil_trainer.pipeline import main
-from distil_trainer.recipe_args import parse_recipe_args
+from distil_trainer.pipeline.recipe_args import parse_recipe_args
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 

@@ -1,5 +1,5 @@
 """accelerate_configs/: every YAML loads with accelerate's own loader and passes `accelerate launch` validation;
-DeepSpeed JSONs are valid and at the stage they claim."""
+DeepSpeed JSONs are valid and at the stage they claim. (Running them: tests/test_distributed.py.)"""
 
 import json
 from pathlib import Path
@@ -71,6 +71,10 @@ def test_deepspeed_json_matches_its_yaml_and_stage(stage):
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
         assert ds[key] == "auto"
     assert ds["bf16"]["enabled"] == "auto" and ds["optimizer"]["params"]["lr"] == "auto"
+    # No DeepSpeed scheduler: the Trainer's own (lr_scheduler_type, warmup_steps: the recipes' linear schedule with
+    # warm-up) drives DeepSpeed's optimizer. DeepSpeed's WarmupDecayLR warms up logarithmically unless told
+    # otherwise and stretches warm-ups under 2 steps; test_distributed.py checks the learning rates step by step.
+    assert "scheduler" not in ds
     if stage == 3:
         assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     # accelerate rejects fields set both in the YAML and the JSON; the YAML leaves them to the JSON.

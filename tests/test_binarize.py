@@ -57,7 +57,9 @@ def test_rules_validation():
 
 # ---- real tokenizers ------------------------------------------------------------------------------------------
 def _independent_kept(tok, lines, max_length, begin, end):
-    """What the original rules keep, computed in a plain loop (unk rule irrelevant on WikiText)."""
+    """What binarize keeps, computed in a plain loop (unk rule irrelevant on WikiText): the original's length and
+    unknown-token thresholds, but chunks cut from the unwrapped sequence, which is not what the original did
+    (see test_long_sequences_are_split_unlike_the_original and README "Differences from the original code")."""
     kept = []
     for line in lines:
         # split_special_tokens: a literal "<unk>" or "[SEP]" in the corpus is text, never a control token
@@ -124,12 +126,74 @@ def test_truncated_cache_is_rebuilt_and_refused_by_loader(tmp_path, wiki_file, c
     again = binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verbose=False)
     assert not again.cache_hit and again.dataset["input_ids"] == expected
     assert "damaged" in caplog.text
-    # same size, flipped bytes: caught by the checksum
+    # same size, flipped bytes: caught by the checksum (verify_checksums=True hashes whatever the file's mtime)
     size = arrow.stat().st_size
     with open(arrow, "r+b") as f:
         f.seek(size - 64)
         f.write(b"\xff" * 16)
-    assert not binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verbose=False).cache_hit
+    assert not binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verify_checksums=True,
+                        verbose=False).cache_hit
+
+
+def _count_hashes(monkeypatch):
+    from distil_trainer.data import cache
+
+    hashed = []
+    real = cache.file_sha256
+    monkeypatch.setattr(cache, "file_sha256", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    return hashed
+
+
+def test_cache_hit_hashes_only_files_that_changed(tmp_path, wiki_file, monkeypatch):
+    out = tmp_path / "out"
+    binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verbose=False)
+    hashed = _count_hashes(monkeypatch)
+    assert binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verbose=False).cache_hit
+    assert hashed == []  # untouched: sizes and modification times match, nothing is read
+    # A later write that keeps the size (bytes flipped in place) gives the file another mtime: it is hashed.
+    arrow = sorted(out.glob("*.arrow"))[0]
+    st = arrow.stat()
+    with open(arrow, "r+b") as f:
+        f.seek(st.st_size - 64)
+        f.write(b"\xff" * 16)
+    os.utime(arrow, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a write one second later, whatever the clock
+    again = binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verbose=False)
+    assert not again.cache_hit  # detected, rebuilt
+    # Checking hashed that one file; the rebuild then hashed each file it wrote, for the new metadata.
+    assert hashed[0] == arrow.name and len(hashed) == 1 + len(again.metadata["files"])
+
+
+def test_same_size_same_mtime_damage_needs_full_verify(tmp_path, wiki_file):
+    # The documented limit of the default check: damage that keeps size and mtime (bit rot, or a write undone with
+    # utime) is only caught by hashing every file (verify_checksums=True, --full_verify).
+    out = tmp_path / "out"
+    binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verbose=False)
+    arrow = sorted(out.glob("*.arrow"))[0]
+    st = arrow.stat()
+    with open(arrow, "r+b") as f:
+        f.seek(st.st_size - 64)
+        f.write(b"\xff" * 16)
+    os.utime(arrow, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ValueError, match="does not match its recorded sha256"):
+        load_binarized(out, verify_checksums=True)
+    load_binarized(out)  # sizes and mtimes match: not read
+    assert not binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verify_checksums=True,
+                        verbose=False).cache_hit
+
+
+def test_metadata_without_mtimes_is_hashed(tmp_path, wiki_file, monkeypatch):
+    # Outputs written before mtimes were recorded are checked by their hashes.
+    import json
+
+    out = tmp_path / "out"
+    binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verbose=False)
+    meta = json.loads((out / METADATA_FILE).read_text())
+    for info in meta["files"].values():
+        del info["mtime_ns"]
+    (out / METADATA_FILE).write_text(json.dumps(meta))
+    hashed = _count_hashes(monkeypatch)
+    assert binarize(out, tiny.bert_tokenizer(), file_path=wiki_file, max_length=64, verbose=False).cache_hit
+    assert sorted(hashed) == sorted(meta["files"])
 
 
 @pytest.mark.reliability(fault="crash in the middle of binarization", outcome="nothing published; the next run starts clean")
@@ -236,3 +300,56 @@ def test_cli_prints_summary(tmp_path, wiki_file, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "cache hit" in out and "sequences read" in out and "dropped short" in out
+
+
+# bert and roberta both wrapped in the tokenizer's cls/sep tokens (they differed only in the tokenizer class).
+@pytest.mark.parametrize("tokenizer_type,ok", [("bert", True), ("roberta", True), ("gpt2", False)])
+def test_cli_accepts_the_original_tokenizer_type_flag(tmp_path, wiki_file, capsys, tokenizer_type, ok):
+    # The original binarized_data.py took --tokenizer_type; it is accepted and checked against the tokenizer.
+    args = ["binarize", "--file_path", wiki_file, "--tokenizer_type", tokenizer_type, "--tokenizer_name",
+            str(tiny.minilm_dir()), "--dump_file", str(tmp_path / "o"), "--max_length", "64"]
+    assert main(args) == (0 if ok else 2)
+    if not ok:
+        err = capsys.readouterr().err
+        assert f"--tokenizer_type {tokenizer_type} wraps sequences" in err and "['[CLS]', '[SEP]']" in err
+        assert not (tmp_path / "o").exists()
+
+
+def test_tokenizer_type_gpt2_matches_gpt2s_tokenizer(tmp_path, wiki_file):
+    from distil_trainer.data.binarize import check_tokenizer_type
+
+    check_tokenizer_type(tiny.gpt2_tokenizer(), "gpt2")
+    check_tokenizer_type(tiny.roberta_tokenizer(), "roberta")
+    with pytest.raises(ValueError, match="bert wraps sequences in the tokenizer's cls_token/sep_token"):
+        check_tokenizer_type(tiny.gpt2_tokenizer(), "bert")
+
+
+def _original_divide_into_chunks(wrapped, max_len, cls, sep):
+    """The original LmSeqsDataset.divide_into_chunks for one sequence: it cut the *wrapped* sequence into
+    pieces of max_len - 2 and re-added whichever of [CLS]/[SEP] a piece lacked."""
+    if len(wrapped) <= max_len:
+        return [wrapped]
+    chunks = []
+    for i in range(0, len(wrapped), max_len - 2):
+        sub = wrapped[i:i + max_len - 2]
+        if sub[0] != cls:
+            sub = [cls, *sub]
+        if sub[-1] != sep:
+            sub = [*sub, sep]
+        chunks.append(sub)
+    return chunks
+
+
+def test_long_sequences_are_split_unlike_the_original():
+    # A documented difference (README "Differences from the original code"): binarize cuts the unwrapped sequence,
+    # so every chunk but the last is max_length long; the original cut the wrapped one, so its first chunk was one
+    # token shorter and its boundaries fall one token earlier. Both keep every token, in order.
+    rules = SequenceRules(begin_id=BEGIN, end_id=END, max_length=20, min_length=1, unk_id=UNK)
+    inner = list(range(10, 48))  # 38 tokens: 40 wrapped, twice the maximum
+    ours = apply_rules([inner], rules)["input_ids"]
+    original = _original_divide_into_chunks([BEGIN, *inner, END], 20, BEGIN, END)
+    assert [len(c) for c in ours] == [20, 20, 4]
+    assert [len(c) for c in original] == [19, 20, 5]
+    for chunks in (ours, original):
+        assert all(c[0] == BEGIN and c[-1] == END for c in chunks)
+        assert [t for c in chunks for t in c[1:-1]] == inner

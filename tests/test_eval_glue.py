@@ -77,11 +77,22 @@ def test_stsb_scores_match_independent_pearson(models, tmp_path):
 def test_mrpc_task_distillation(models, tmp_path):
     payload = run(models["cls2"], "mrpc", "MRPC", tmp_path, "--teacher", models["teacher2"], "--alpha_ce", "0.7",
                   "--alpha_task", "0.3", "--temperature", "3")
-    assert payload["distillation"] == {"alpha_ce": 0.7, "alpha_task": 0.3, "temperature": 3.0}
+    assert payload["distillation"] == {"alpha_ce": 0.7, "alpha_task": 0.3, "alpha_mse": 0.0, "temperature": 3.0}
     assert set(payload["median"]) == {"accuracy", "f1"}
     logs = json.loads((tmp_path / "seed-42" / "log_history.json").read_text())
     logged = set().union(*logs)
     assert {"loss_ce", "loss_task"} <= logged
+
+
+def test_stsb_distillation_uses_alpha_mse(models, tmp_path):
+    """STS-B has one output, no distribution for L_ce: the refusal points to --alpha_mse, which the script takes."""
+    with pytest.raises(ValueError, match="use alpha_mse for regression tasks such as STS-B and set alpha_ce=0"):
+        run(models["cls1"], "stsb", "STS-B", tmp_path / "ce", "--teacher", models["cls1"])
+    payload = run(models["cls1"], "stsb", "STS-B", tmp_path / "mse", "--teacher", models["cls1"], "--alpha_ce", "0",
+                  "--alpha_mse", "2")
+    assert payload["distillation"]["alpha_mse"] == 2.0 and set(payload["median"]) == {"pearson", "spearmanr"}
+    logs = json.loads((tmp_path / "mse" / "seed-42" / "log_history.json").read_text())
+    assert {"loss_mse", "loss_task"} <= set().union(*logs) and "loss_ce" not in set().union(*logs)
 
 
 def test_mrpc_reader_matches_release_layout():

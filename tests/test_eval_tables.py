@@ -114,3 +114,30 @@ def test_duplicate_and_missing_inputs(tmp_path):
         make_tables.load_results([a, b])
     with pytest.raises(FileNotFoundError, match="No results file or folder"):
         make_tables.load_results([tmp_path / "nowhere"])
+
+
+def test_ner_table_in_the_original_release_form():
+    """German DistilBERT's published NER results: 83.49 vs 84.52 on CoNLL-2003 test, 85.23 vs 86.89 on GermEval 2014
+    test. 83.49 / 84.52 = 98.78 %, 85.23 / 86.89 = 98.09 %."""
+    teacher = {("ner", "conll2003"): result("ner", "conll2003", {"test_f1": 0.8452, "dev_f1": 0.88}),
+               ("ner", "germeval2014"): result("ner", "germeval2014", {"test_f1": 0.8689, "dev_f1": 0.87})}
+    student = {("ner", "germeval2014"): result("ner", "germeval2014", {"test_f1": 0.8523, "dev_f1": 0.86}),
+               ("ner", "conll2003"): result("ner", "conll2003", {"test_f1": 0.8349, "dev_f1": 0.87})}
+    markdown = make_tables.render_tables(student, teacher, "distilbert-base-german-cased",
+                                         "bert-base-german-dbmdz-cased")
+    assert markdown == (
+        "### NER (entity-level F1)\n\n"
+        "| Model | CoNLL-2003 (test F1) | GermEval 2014 (test F1) | % of teacher |\n"
+        "|---|---|---|---|\n"
+        "| bert-base-german-dbmdz-cased | 84.52 | 86.89 | 100.0 / 100.0 |\n"
+        "| distilbert-base-german-cased | 83.49 | 85.23 | 98.8 / 98.1 |\n")
+    assert make_tables.chart_scores(student) == {"NER CoNLL-2003 F1": pytest.approx(83.49),
+                                                 "NER GermEval 2014 F1": pytest.approx(85.23)}
+
+
+def test_ner_table_falls_back_to_dev_when_a_model_has_no_test_scores():
+    teacher = {("ner", "conll2003"): result("ner", "conll2003", {"test_f1": 0.91, "dev_f1": 0.95})}
+    student = {("ner", "conll2003"): result("ner", "conll2003", {"dev_f1": 0.931})}
+    lines = make_tables.render_tables(student, teacher, "DistilBERT", "BERT").splitlines()
+    assert lines[2] == "| Model | CoNLL-2003 (dev F1) | % of teacher |"
+    assert lines[4:] == ["| BERT | 95.00 | 100.0 |", "| DistilBERT | 93.10 | 98.0 |"]

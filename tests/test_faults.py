@@ -1,5 +1,6 @@
-"""Faults: SIGKILL mid-run and mid-binarization, a full disk during a save, non-finite losses (one process and
-two), a second run on a directory in use. In every case nothing good is lost and a re-run continues exactly."""
+"""Faults: SIGKILL mid-run and mid-binarization, a full disk during a save, non-finite losses (one process, two,
+DeepSpeed ZeRO on 2 CPU ranks), non-finite weights at a save, a second run on a directory in use. In every case
+nothing good is lost and a re-run continues exactly."""
 
 import errno
 import json
@@ -19,6 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import tiny
 from distil_trainer import DistillationArguments, DistillationTrainer, losses
 from distil_trainer.run_lock import LOCK_NAME, OutputDirInUse, output_dir_lock
+from launch import accelerate_launch, deepspeed_launch_file, trainer_optimizer
 from test_pipeline import make_corpus, make_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,24 +189,47 @@ def nan_on_call(monkeypatch, calls_to_poison):
     monkeypatch.setattr(losses, "hidden_cosine", poisoned)
 
 
-@reliability("NaN in one loss term (default policy 'skip')", "that update is skipped (weights and optimizer "
-                                                              "untouched), counted and logged with the term; "
-                                                              "training goes on")
+def optimizer_snapshot(trainer):
+    """Everything a skipped update must leave as it was: weights, Adam's moments and step counts, the schedule."""
+    optimizer = trainer.optimizer.optimizer  # under accelerate's wrapper
+    return {
+        "weights": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+        "adam": [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()],
+        "lr": [g["lr"] for g in optimizer.param_groups],
+        "scheduler_steps": trainer.lr_scheduler.state_dict()["last_epoch"],
+    }
+
+
+def same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@reliability("NaN in one loss term (default policy 'skip')",
+             "that update is skipped: weights, Adam's moments and step counts, and the learning-rate schedule stay "
+             "as they were (only the step counter advances); counted and logged with the term; training goes on")
 def test_nonfinite_term_skips_the_update(tmp_path, monkeypatch):
-    trainer = small_trainer(tmp_path, max_steps=3, logging_steps=1, save_strategy="no")
+    trainer = small_trainer(tmp_path, max_steps=3, logging_steps=1, save_strategy="no", warmup_steps=0)
     snapshots = []
 
     class Snap(__import__("transformers").TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kw):
-            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        def on_step_end(self, args, state, control, **kw):
+            snapshots.append(optimizer_snapshot(trainer))
 
     trainer.add_callback(Snap())
     nan_on_call(monkeypatch, {2})
     trainer.train()
     assert trainer.nonfinite_steps == 1 and trainer.nonfinite_terms == {"cos": 1}
-    # Step 2 changed nothing; steps 1 and 3 trained.
-    assert all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])
-    assert not all(torch.equal(snapshots[1][k], snapshots[2][k]) for k in snapshots[1])
+    assert trainer.state.global_step == 3
+    first, skipped, third = snapshots
+    # Step 2 changed nothing: not the weights, not Adam's state, not the learning rate or the scheduler's count.
+    assert same_tensors(first["weights"], skipped["weights"])
+    assert len(first["adam"]) == len(skipped["adam"]) > 0
+    assert all(same_tensors(a, b) for a, b in zip(first["adam"], skipped["adam"]))
+    assert skipped["lr"] == first["lr"] and skipped["scheduler_steps"] == first["scheduler_steps"] == 1
+    # Step 3 trained, as the second update of Adam and with the schedule's second value.
+    assert not same_tensors(skipped["weights"], third["weights"])
+    assert all(int(s["step"]) == 2 for s in third["adam"])
+    assert third["scheduler_steps"] == 2 and third["lr"][0] < first["lr"][0]
     logged = [r for r in trainer.state.log_history if "loss" in r]
     assert logged[1]["nonfinite_steps_skipped"] == 1 and logged[1]["nonfinite_cos"] == 1
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
@@ -222,18 +247,109 @@ def test_nonfinite_stop_policy_saves_good_weights(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in saved.values())
 
 
-@reliability("NaN on one rank of two (DDP over gloo)", "both ranks learn it at the same step and skip it; no "
-                                                       "hang; weights stay identical on both ranks")
+@reliability("non-finite weights at a checkpoint save (however they got there)",
+             "that checkpoint is not written: the run stops with an error naming the parameters; the earlier "
+             "checkpoints are intact and the resume uses the last one")
+def test_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
+    trainer = small_trainer(tmp_path, max_steps=3, save_steps=1)
+
+    class CorruptAfterStep2(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:  # after the update, before the Trainer saves checkpoint-2
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+
+    trainer.add_callback(CorruptAfterStep2())
+    with pytest.raises(RuntimeError, match=r"Not writing checkpoint-2: 1 student parameters hold NaN/inf "
+                                           r"\(distilbert\.embeddings\.word_embeddings\.weight\)"):
+        trainer.train()
+    out = Path(trainer.args.output_dir)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert get_last_checkpoint(str(out)).endswith("checkpoint-1")
+    saved = AutoModelForMaskedLM.from_pretrained(out / "checkpoint-1").state_dict()
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def launch_nan_step(tmp_path, config_file, nan_step, nan_rank, training_args, env=None):
+    """Run tests/scripts/nan_step.py on 2 ranks; returns each rank's report."""
+    script = REPO / "tests" / "scripts" / "nan_step.py"
+    proc = accelerate_launch(config_file, script, tmp_path, nan_step, nan_rank, json.dumps(training_args), env=env,
+                             timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)], proc
+
+
+def assert_step_skipped(steps, skipped_step):
+    """Step `skipped_step` (1-based) left weights, optimizer state and learning rate as the step before left them;
+    the step after trained."""
+    before, skipped, after = steps[skipped_step - 2], steps[skipped_step - 1], steps[skipped_step]
+    for key in ("weights", "optimizer_state", "learning_rate"):
+        assert skipped[key] == before[key], key
+    assert after["weights"] != skipped["weights"] and after["optimizer_state"] != skipped["optimizer_state"]
+    assert all(s["finite"] for s in steps)
+
+
+@reliability("NaN on one rank of two (DDP over gloo)", "both ranks learn it at the same step and skip it (weights, "
+                                                       "optimizer state and learning rate untouched); no hang; "
+                                                       "weights stay identical on both ranks")
 def test_nonfinite_on_one_rank_of_two(tmp_path):
-    script = REPO / "tests" / "scripts" / "nan_on_one_rank.py"
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), str(script), str(tmp_path)],
-                          env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for r in results:
-        assert r["nonfinite_steps"] == 1 and r["global_step"] == 3
-    assert results[0]["checksum"] == results[1]["checksum"]
+    reports, _ = launch_nan_step(tmp_path, REPO / "accelerate_configs" / "cpu_2proc.yaml", 2, 1,
+                                 {"use_cpu": True}, env={"ACCELERATE_USE_CPU": "1"})
+    for r in reports:
+        assert r["nonfinite_steps"] == 1 and r["global_step"] == 3 and r["error"] is None
+        assert_step_skipped(r["steps"], 2)
+    assert reports[0]["steps"] == reports[1]["steps"]
+
+
+def checkpoint_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return {p.name: load_file(p / "model.safetensors") for p in sorted(Path(run_dir).glob("checkpoint-*"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+@reliability("NaN on one rank, on a checkpoint step, under DeepSpeed ZeRO-2 / ZeRO-3 (2 CPU ranks)",
+             "DeepSpeed's overflow check skips the update (weights, optimizer state and learning rate untouched) "
+             "and the guard counts it; the checkpoint of that step holds the last good weights; training goes on")
+def test_nonfinite_on_a_save_step_under_deepspeed(tmp_path, stage):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (DS_BUILD_OPS=0 pip install deepspeed)")
+    config = deepspeed_launch_file(stage, tmp_path, trainer_optimizer)
+    reports, _ = launch_nan_step(tmp_path, config, 2, 1, {"ddp_backend": "gloo", "save_strategy": "steps",
+                                                          "save_steps": 1})
+    for r in reports:
+        assert r["nonfinite_steps"] == 1 and r["global_step"] == 3 and not r["stopped_on_nonfinite"]
+        assert_step_skipped(r["steps"], 2)
+        assert [s["deepspeed_skipped_steps"] for s in r["steps"]] == [0, 1, 1]
+    saved = checkpoint_weights(tmp_path / "run")
+    assert list(saved) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert all(torch.isfinite(t).all() for weights in saved.values() for t in weights.values())
+    assert same_tensors(saved["checkpoint-1"], saved["checkpoint-2"])
+
+
+@pytest.mark.slow
+@reliability("NaN on a checkpoint step under DeepSpeed with its overflow checks off (ZeRO-2, compute_grad_norm "
+             "false): DeepSpeed applies the non-finite update",
+             "training stops at that step and nothing of that state is saved; the last checkpoint holds finite "
+             "weights and is the one a re-run resumes from")
+def test_deepspeed_applying_a_nonfinite_update_stops_without_saving(tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (DS_BUILD_OPS=0 pip install deepspeed)")
+
+    def no_overflow_check(ds_config):
+        trainer_optimizer(ds_config)
+        ds_config["zero_optimization"]["compute_grad_norm"] = False  # fp32 ZeRO-2 then checks nothing
+
+    config = deepspeed_launch_file(2, tmp_path, no_overflow_check)
+    reports, proc = launch_nan_step(tmp_path, config, 2, 1, {"ddp_backend": "gloo", "save_strategy": "steps",
+                                                             "save_steps": 1, "max_grad_norm": 0.0})
+    assert "DeepSpeed applied that update" in proc.stderr
+    for r in reports:
+        assert r["stopped_on_nonfinite"] and r["global_step"] == 2
+        assert not r["steps"][1]["finite"]  # the state that must not be saved
+    saved = checkpoint_weights(tmp_path / "run")
+    assert list(saved) == ["checkpoint-1"]
+    assert all(torch.isfinite(t).all() for t in saved["checkpoint-1"].values())
+    assert get_last_checkpoint(str(tmp_path / "run")).endswith("checkpoint-1")
 
 
 # ---- one run per output directory ----

@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 import tiny
 from hub_server import FakeHub
 
-from distil_trainer.hub import mask_token, push_student_to_hub
-from distil_trainer.model_card import StudentCardInfo, write_model_card
+from distil_trainer.pipeline.hub import mask_token, push_student_to_hub
+from distil_trainer.pipeline.model_card import StudentCardInfo, write_model_card
 
 PUSH = r"""
 import logging, os, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-from distil_trainer.hub import push_student_to_hub
+from distil_trainer.pipeline.hub import push_student_to_hub
 folder, token = sys.argv[1], os.environ.pop("FAKE_HUB_TOKEN")
 first = push_student_to_hub(folder, "tester/tiny-student", token=token)
 second = push_student_to_hub(folder, "tester/tiny-student-private", token=token, private=True, revision="dev",

@@ -192,3 +192,69 @@ def test_half_precision_logits_are_upcast():
     assert half.dtype == torch.float32
     assert half.item() == pytest.approx(kl_rows(s.bfloat16().float(), t.bfloat16().float()).item(), rel=1e-5)
     assert half.item() == pytest.approx(full, rel=2e-2)
+
+
+# ---- a teacher logit of -inf (a token the teacher rules out) ----
+
+def xlogy_kl(s, t, temperature):
+    """Plain-torch KL in the original's xlogy form: sum xlogy(p, p) - p * log q, with 0 * log q = 0 where p = 0."""
+    p = torch.softmax(t / temperature, -1)
+    log_q = torch.log_softmax(s / temperature, -1)
+    terms = torch.xlogy(p, p) - torch.where(p > 0, p * log_q, torch.zeros_like(p))
+    return terms.sum(-1) * temperature**2
+
+
+def test_soft_target_kl_with_minus_inf_teacher_logit_is_finite():
+    from distil_trainer import losses
+
+    torch.manual_seed(0)
+    s = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 7, dtype=torch.float64)
+    t[0, 2] = t[1, 0] = t[1, 5] = float("-inf")
+    mask = torch.tensor([True, True, False, True])
+    loss = losses.soft_target_kl(s, t, T, mask=mask, reduction="sum")
+    expected = xlogy_kl(s.detach()[mask], t[mask], T).sum()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    # Same value as torch's own KLDivLoss, which DistilBERT used and which also computes it with xlogy.
+    assert loss.item() == pytest.approx(F.kl_div(F.log_softmax(s.detach()[mask] / T, -1), F.softmax(t[mask] / T, -1),
+                                                 reduction="sum").item() * T**2, rel=1e-12)
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+    # d/ds of T^2 KL(p || softmax(s/T)) is T (softmax(s/T) - p) on selected rows, 0 on the others.
+    p = torch.softmax(t / T, -1)
+    expected_grad = T * (torch.softmax(s.detach() / T, -1) - p) * mask[:, None]
+    torch.testing.assert_close(s.grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_soft_target_kl_minus_inf_in_both_models_adds_nothing():
+    from distil_trainer import losses
+
+    torch.manual_seed(1)
+    s = torch.randn(3, 6, dtype=torch.float64)
+    t = torch.randn(3, 6, dtype=torch.float64)
+    s[:, 4] = t[:, 4] = float("-inf")  # e.g. a vocabulary entry both models mask out
+    s.requires_grad_(True)
+    loss = losses.soft_target_kl(s, t, T, reduction="mean")
+    dropped = losses.soft_target_kl(s.detach()[:, [0, 1, 2, 3, 5]], t[:, [0, 1, 2, 3, 5]], T, reduction="mean")
+    assert loss.item() == pytest.approx(xlogy_kl(s.detach(), t, T).mean().item(), rel=1e-12)
+    assert loss.item() == pytest.approx(dropped.item(), rel=1e-12)
+    loss.backward()
+    assert torch.isfinite(s.grad).all() and (s.grad[:, 4] == 0).all()
+
+
+def test_question_answering_kl_with_minus_inf_teacher_logit_is_finite():
+    from distil_trainer import losses
+
+    torch.manual_seed(2)
+    ss, se = (torch.randn(3, 9, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ts, te = torch.randn(3, 9, dtype=torch.float64), torch.randn(3, 9, dtype=torch.float64)
+    ts[0, 3] = te[2, 1] = float("-inf")  # at a candidate position
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[:, 5:] = False
+    loss = losses.span_soft_target_kl(ss, se, ts, te, T, mask=mask, reduction="sum")
+    keep = slice(0, 5)
+    expected = (xlogy_kl(ss.detach()[:, keep], ts[:, keep], T) + xlogy_kl(se.detach()[:, keep], te[:, keep], T)) / 2
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.sum().item(), rel=1e-12)
+    loss.backward()
+    assert torch.isfinite(ss.grad).all() and torch.isfinite(se.grad).all()
+    assert (ss.grad[:, 5:] == 0).all()

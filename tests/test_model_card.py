@@ -5,7 +5,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from distil_trainer.model_card import StudentCardInfo, build_model_card, write_model_card
+from distil_trainer.pipeline.model_card import StudentCardInfo, build_model_card, write_model_card
 
 
 def _info(**overrides):

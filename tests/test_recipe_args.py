@@ -2,7 +2,7 @@
 
 import pytest
 
-from distil_trainer.recipe_args import ConfigError, parse_recipe_args
+from distil_trainer.pipeline.recipe_args import ConfigError, parse_recipe_args
 
 MINIMAL = "teacher_name: some/teacher\nfile_path: corpus.txt\noutput_dir: {out}\n"
 
@@ -27,7 +27,9 @@ def test_shipped_recipe_configs_parse_with_the_paper_settings():
     from pathlib import Path
 
     configs = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-    for name, lm_term in (("distilbert", "alpha_mlm"), ("distilroberta", "alpha_mlm"), ("distilgpt2", "alpha_clm")):
+    for name, lm_term in (("distilbert", "alpha_mlm"), ("distilbert-cased", "alpha_mlm"),
+                          ("distilbert-german", "alpha_mlm"), ("distilroberta", "alpha_mlm"),
+                          ("distilgpt2", "alpha_clm")):
         model, data, training, _ = parse_recipe_args([], default_config=str(configs / f"{name}.yaml"))
         assert (training.alpha_ce, getattr(training, lm_term), training.alpha_cos) == (5.0, 2.0, 1.0)
         assert training.temperature == 2.0 and training.learning_rate == 5e-4
@@ -40,6 +42,25 @@ def test_shipped_recipe_configs_parse_with_the_paper_settings():
     # DistilmBERT ships no corpus: the user must choose one, and is told so.
     with pytest.raises(ConfigError, match="set exactly one of file_path"):
         parse_recipe_args([], default_config=str(configs / "distilmbert.yaml"))
+
+
+@pytest.mark.parametrize("name, teacher, reference, vocab_size", [
+    ("distilbert-cased", "bert-base-cased", "distilbert-base-cased.json", 28996),
+    ("distilbert-german", "bert-base-german-dbmdz-cased", "distilbert-base-german-cased.json", 31102),
+])
+def test_cased_and_german_distilbert_recipes(name, teacher, reference, vocab_size):
+    """The two other DistilBERTs of the original release: their teachers, and the student sizes to check against."""
+    import json
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    model, _, _, _ = parse_recipe_args([], default_config=str(configs / f"{name}.yaml"))
+    assert model.teacher_name == teacher and model.student_type == "distilbert"
+    assert Path(model.student_reference_config) == configs / "students" / reference
+    sizes = json.loads(Path(model.student_reference_config).read_text())
+    assert sizes["vocab_size"] == vocab_size
+    assert (sizes["n_layers"], sizes["dim"], sizes["n_heads"], sizes["hidden_dim"]) == (6, 768, 12, 3072)
+    assert (configs.parent / f"{name}.py").is_file()
 
 
 @pytest.mark.parametrize("extra, message", [

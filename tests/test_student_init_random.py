@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distil_trainer.pipeline import main
-from distil_trainer.recipe_args import ConfigError, parse_recipe_args
+from distil_trainer.pipeline.recipe_args import ConfigError, parse_recipe_args
 from test_pipeline import make_corpus, make_teacher, recipe_argv
 
 BIG_MATRICES = ("bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",

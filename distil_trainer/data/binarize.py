@@ -1,11 +1,12 @@
 """Binarization: text -> token ids in a cached, memory-mapped Arrow dataset (replaces the original
-single-process `scripts/binarized_data.py`, keeping its rules; see `sequence_rules`).
+single-process `scripts/binarized_data.py`, keeping its rules but not its exact splitting; see `sequence_rules`).
 
 The output directory is also the cache. It holds the `save_to_disk` files plus `binarize_metadata.json`
-(fingerprint, tokenizer, input, options, statistics, size and sha256 of every data file). A later call
-with the same fingerprint reuses it after checking the files; a different tokenizer, input (path, size,
-mtime) or option gives a different fingerprint, and the existing output is then refused unless
-`overwrite=True`. A truncated or corrupted output with the right fingerprint is rebuilt.
+(fingerprint, tokenizer, input, options, statistics, size, mtime and sha256 of every data file). A later call
+with the same fingerprint reuses it after checking the files (by default, sizes and modification times; files
+whose time changed are re-hashed); a different tokenizer, input (path, size, mtime) or option gives a different
+fingerprint, and the existing output is then refused unless `overwrite=True`. A truncated or corrupted output
+with the right fingerprint is rebuilt.
 Everything is built in a temporary sibling directory and moved into place with `os.replace`.
 """
 
@@ -67,6 +68,26 @@ def wrapping_token_ids(tokenizer):
     if unk in (begin, end):
         unk = None
     return begin, end, unk
+
+
+# The original scripts/binarized_data.py's --tokenizer_type: which special tokens wrapped each sequence.
+ORIGINAL_WRAPPING = {"bert": ("cls_token", "sep_token"), "roberta": ("cls_token", "sep_token"),
+                     "gpt2": ("bos_token", "eos_token")}
+
+
+def check_tokenizer_type(tokenizer, tokenizer_type):
+    """Refuse a tokenizer whose begin/end tokens are not those the original `--tokenizer_type` wrapped with."""
+    if tokenizer_type not in ORIGINAL_WRAPPING:
+        raise ValueError(f"tokenizer_type={tokenizer_type!r}; the original accepted {', '.join(ORIGINAL_WRAPPING)}.")
+    expected = [getattr(tokenizer, f"{name}_id", None) for name in ORIGINAL_WRAPPING[tokenizer_type]]
+    begin, end, _ = wrapping_token_ids(tokenizer)
+    if expected != [begin, end]:
+        names = "/".join(ORIGINAL_WRAPPING[tokenizer_type])
+        raise ValueError(
+            f"--tokenizer_type {tokenizer_type} wraps sequences in the tokenizer's {names}, but "
+            f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')!r} would be wrapped in "
+            f"{tokenizer.convert_ids_to_tokens([begin, end])}. Give the tokenizer of that model type, or drop "
+            "--tokenizer_type (the wrapping always comes from the tokenizer itself).")
 
 
 def resolve_max_length(tokenizer, max_length):
@@ -170,12 +191,14 @@ def _iterate(iterable):
 
 def binarize(output_dir, tokenizer, *, file_path=None, dataset_name=None, dataset_config=None, split="train",
              text_column="text", streaming=False, max_length=None, min_length=12, max_unk_share=0.5, pack=None,
-             num_proc=None, batch_size=1000, overwrite=False, verify_checksums=True, verbose=True):
+             num_proc=None, batch_size=1000, overwrite=False, verify_checksums="changed", verbose=True):
     """Tokenize a corpus into `output_dir` (a `save_to_disk` dataset with `input_ids` and `length`).
 
     Input: `file_path` (a file with one sequence per line, or a folder of such files) or a Hub dataset
     (`dataset_name`, `dataset_config`, `split`, `text_column`; `streaming=True` for corpora larger than disk).
     `tokenizer`: a fast tokenizer or a name/path for AutoTokenizer. `pack`: block size for causal-LM packing.
+    `verify_checksums`: how an existing output is checked before reuse (see `cache.check_files`): "changed"
+    hashes only files whose size or modification time changed since they were written, True every file.
     Returns a BinarizeResult; `cache_hit` tells whether an existing output was reused.
     """
     import datasets
@@ -311,7 +334,7 @@ def binarize(output_dir, tokenizer, *, file_path=None, dataset_name=None, datase
     return BinarizeResult(ds, output_dir, False, stats, metadata)
 
 
-def load_binarized(output_dir, verify_checksums=False):
+def load_binarized(output_dir, verify_checksums="changed"):
     """Load a binarized dataset and its metadata, refusing a damaged one with a clear message."""
     import datasets
 

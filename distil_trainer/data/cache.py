@@ -48,23 +48,39 @@ def tokenizer_identity(tokenizer):
 
 
 def describe_files(directory, names):
-    """{name: {size, sha256}} for files inside `directory`."""
-    return {n: {"size": os.path.getsize(os.path.join(directory, n)), "sha256": file_sha256(os.path.join(directory, n))}
-            for n in names}
+    """{name: {size, mtime_ns, sha256}} for files inside `directory`."""
+    described = {}
+    for n in names:
+        path = os.path.join(directory, n)
+        st = os.stat(path)
+        described[n] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path)}
+    return described
 
 
-def check_files(directory, described, verify_checksums=True):
-    """Problems (list of strings) found comparing files on disk with their recorded size/sha256."""
+# How much of a cached file check_files reads: "changed" (default) hashes only the files whose size or
+# modification time differ from those recorded, so an untouched cache of any size is checked in milliseconds and
+# anything written to it since is caught; True hashes every file (also catches bit rot that kept the mtime);
+# False compares sizes only.
+VERIFY_MODES = ("changed", True, False)
+
+
+def check_files(directory, described, verify_checksums="changed"):
+    """Problems (list of strings) found comparing files on disk with their recorded size/mtime/sha256."""
+    if verify_checksums not in VERIFY_MODES:
+        raise ValueError(f"verify_checksums={verify_checksums!r}; use 'changed', True or False.")
     problems = []
     for name, info in described.items():
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             problems.append(f"missing file {name}")
             continue
-        size = os.path.getsize(path)
-        if size != info["size"]:
-            problems.append(f"{name} has {size} bytes, {info['size']} were written (truncated or modified)")
-        elif verify_checksums and file_sha256(path) != info["sha256"]:
+        st = os.stat(path)
+        if st.st_size != info["size"]:
+            problems.append(f"{name} has {st.st_size} bytes, {info['size']} were written (truncated or modified)")
+            continue
+        untouched = info.get("mtime_ns") == st.st_mtime_ns  # metadata from before mtimes were recorded: hash
+        must_hash = verify_checksums is True or (verify_checksums == "changed" and not untouched)
+        if must_hash and file_sha256(path) != info["sha256"]:
             problems.append(f"{name} content does not match its recorded sha256 (corrupted or modified)")
     return problems
 

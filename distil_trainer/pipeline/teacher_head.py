@@ -10,7 +10,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from .atomic import atomic_directory
+from ..atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 MARKER = "fitted_mlm_head.json"

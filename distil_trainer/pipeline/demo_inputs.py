@@ -9,7 +9,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .atomic import write_text_atomic
+from ..atomic import write_text_atomic
 
 
 def _package_dir(module, pip_name):

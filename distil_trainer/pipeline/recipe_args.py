@@ -11,7 +11,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from .distillation_config import DistillationArguments
+from ..distillation_config import DistillationArguments
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .atomic import write_text_atomic
+from ..atomic import write_text_atomic
 
 # User access tokens ("hf_" + 30+ alphanumerics) and the older "api_" tokens.
 _TOKEN_PATTERN = re.compile(r"\b(hf|api)_[A-Za-z0-9]{20,}\b")

@@ -1,0 +1,119 @@
+"""Stages run by the main process only, on the saved student: model card, report, push to the Hub."""
+
+import json
+from pathlib import Path
+
+from .layout import TRAINING_LOG
+from .stage import Stage
+
+
+class ModelCard(Stage):
+    name = "model card"
+    inputs = ("teacher", "train_dataset", "collator", "layer_map", "trainer")
+    outputs = ("final_student", "teacher", "log_history", "speed", "card_info")
+    main_process_only = True
+
+    def before(self, ctx):
+        """Reload what was saved, with full tensors (under ZeRO-3 the trained modules hold only their shards)."""
+        from .. import extraction
+        from ..model_utils import unpartitioned_loading
+        from .model_stages import load_like
+
+        m, final_dir = ctx.model_args, ctx.final_dir
+        with unpartitioned_loading():
+            ctx.final_student = load_like(ctx.teacher, final_dir)
+            if ctx.trainer is not None and ctx.trainer.is_deepspeed_enabled:
+                source = ctx.result.get("teacher_head") or m.teacher_name
+                ctx.teacher, _ = extraction.load_teacher(source, m.trust_remote_code,
+                                                         revision=None if "teacher_head" in ctx.result else
+                                                         m.teacher_revision)
+        log = final_dir / TRAINING_LOG
+        ctx.log_history = json.loads(log.read_text()) if log.exists() else []
+
+    def run(self, ctx):
+        from .model_card import write_model_card
+
+        ctx.speed = _speed(ctx.teacher, ctx.final_student, ctx.train_dataset, ctx.collator)
+        ctx.card_info = info = _card_info(ctx, ctx.teacher, ctx.final_student, ctx.layer_map, ctx.log_history,
+                                          ctx.speed)
+        write_model_card(info, ctx.final_dir, overwrite=True)
+        ctx.result.update(student_parameters=info.student_parameters, teacher_parameters=info.teacher_parameters,
+                          speed_ratio=info.speed_ratio)
+        return (f"{ctx.final_dir / 'README.md'} (student {info.student_parameters:,} / teacher "
+                f"{info.teacher_parameters:,} parameters, {info.speed_ratio:.2f}x faster)")
+
+
+class Report(Stage):
+    name = "report"
+    inputs = ("card_info", "teacher", "final_student", "log_history", "speed")
+    main_process_only = True
+
+    def skip(self, ctx):
+        return None if ctx.recipe_args.report else "skipped (--report to write one)"
+
+    def run(self, ctx):
+        from .report import write_report
+        from .teacher_head import last_fit_loss
+
+        head_loss = last_fit_loss(ctx.result["teacher_head"]) if ctx.result.get("teacher_head") else None
+        path = write_report(ctx.out, ctx.card_info.teacher_name, ctx.teacher, ctx.final_student, ctx.log_history,
+                            ctx.speed, ctx.training_args, teacher_head_loss=head_loss)
+        ctx.result["report"] = str(path)
+        return str(path)
+
+
+class PushToHub(Stage):
+    name = "push to hub"
+    main_process_only = True
+
+    def enabled(self, ctx):
+        return ctx.push
+
+    def run(self, ctx):
+        from .hub import push_student_to_hub
+
+        args = ctx.training_args
+        repo = args.hub_model_id or ctx.out.name
+        commit = push_student_to_hub(ctx.final_dir, repo, token=args.hub_token, private=bool(args.hub_private_repo))
+        return f"{repo}: {commit.commit_url}"
+
+
+def _speed(teacher, student, dataset, collator, n_batches=4, batch_size=8):
+    """Teacher/student inference time of the encoders (no LM head: what a fine-tuned student runs) on a few
+    training batches, on the CPU -- what the card reports."""
+    import copy
+
+    from .report import measure_speed_ratio
+
+    rows = [dataset[i] for i in range(min(len(dataset), n_batches * batch_size))]
+    batches = [collator([{"input_ids": r["input_ids"]} for r in rows[i:i + batch_size]])
+               for i in range(0, len(rows), batch_size)]
+    t_cpu = copy.deepcopy(teacher.base_model).float().cpu()
+    s_cpu = copy.deepcopy(student.base_model).float().cpu()
+    t, s, ratio = measure_speed_ratio(t_cpu, s_cpu, batches)
+    return {"teacher_seconds": t, "student_seconds": s, "ratio": ratio,
+            "how": f"encoder forward, CPU, fp32, {len(batches)} batches of {batch_size} training sequences, "
+                   "fastest of 5 alternating passes"}
+
+
+def _card_info(ctx, teacher, student, layer_map, log_history, speed):
+    from .model_card import StudentCardInfo
+    from .report import count_parameters
+
+    model_args, data_args, training_args = ctx.model_args, ctx.data_args, ctx.training_args
+    recipe_args = ctx.recipe_args
+    last = next((r for r in reversed(log_history) if "num_input_tokens_seen" in r), {})
+    steps = max((r.get("step", 0) for r in log_history), default=None)
+    weights = {n: getattr(training_args, n) for n in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse",
+                                                      "alpha_cos", "alpha_task") if getattr(training_args, n) > 0}
+    data = data_args.dataset_name or (Path(data_args.file_path).name if data_args.file_path else "")
+    return StudentCardInfo(
+        model_name=recipe_args.card_model_name or training_args.hub_model_id or Path(
+            training_args.output_dir).name,
+        teacher_name=recipe_args.teacher_card_name or model_args.teacher_name,
+        teacher_revision=model_args.teacher_revision,
+        student_parameters=count_parameters(student), teacher_parameters=count_parameters(teacher),
+        architecture=student.config.model_type, layer_map=layer_map, loss_weights=weights,
+        temperature=training_args.temperature, datasets=[data] if data else [], train_steps=steps or None,
+        tokens_seen=last.get("num_input_tokens_seen") or None, speed_ratio=speed["ratio"],
+        speed_measurement=speed["how"], tags=["distillation", "distil_trainer"])
