@@ -85,7 +85,7 @@ def shared_vocab_size(student, teacher, tokenizer=None, teacher_tokenizer=None):
         teacher_tokenizer = load_tokenizer(teacher_tokenizer)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor: its text tokenizer
     teacher_tokenizer = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)
-    sizes = f"teacher {_name(teacher)} has {t_vocab} vocabulary rows, student {_name(student)} has {s_vocab}"
+    sizes = f"teacher {_name(teacher)} has {t_vocab} tokens, student {_name(student)} has {s_vocab}"
     if tokenizer is None or teacher_tokenizer is None:
         raise ValueError(
             f"Teacher and student vocabularies differ: {sizes}. If both use one tokenizer and only pad the vocabulary "

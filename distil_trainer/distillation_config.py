@@ -27,7 +27,8 @@ class DistillationArguments(TrainingArguments):
     # no warm-up); beta1 0.9, weight decay 0 and the linear schedule are transformers' defaults already.
     learning_rate: float = field(default=DISTIL_OPTIMIZATION["learning_rate"],
                                  metadata={"help": "Peak learning rate (DistilBERT: 5e-4)."})
-    adam_beta2: float = field(default=DISTIL_OPTIMIZATION["adam_beta2"], metadata={"help": "Adam beta2 (DistilBERT: 0.98)."})
+    adam_beta2: float = field(default=DISTIL_OPTIMIZATION["adam_beta2"],
+                              metadata={"help": "Adam beta2 (DistilBERT: 0.98)."})
     adam_epsilon: float = field(default=DISTIL_OPTIMIZATION["adam_epsilon"],
                                 metadata={"help": "Adam epsilon (DistilBERT: 1e-6)."})
     max_grad_norm: float = field(default=DISTIL_OPTIMIZATION["max_grad_norm"],

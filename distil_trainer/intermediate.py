@@ -378,6 +378,10 @@ class IntermediateTerms:
                                                     reduction="sum")
                                for s, t in self.attention_pairs)
         if self.relation:
+            if set(student_qkv) != set(RELATION_KINDS) or set(teacher_qkv) != set(RELATION_KINDS):
+                raise RuntimeError("The query/key/value hooks recorded nothing in this forward (student: "
+                                   f"{sorted(student_qkv)}, teacher: {sorted(teacher_qkv)}): the hooked projection "
+                                   "modules were replaced or bypassed after the trainer was built.")
             if training and torch.is_grad_enabled() and not student_qkv["query"].requires_grad:
                 raise RuntimeError("The student's queries/keys/values carry no gradient, so alpha_relation cannot "
                                    "train it: with gradient checkpointing use gradient_checkpointing_kwargs="

@@ -353,3 +353,14 @@ def test_long_sequences_are_split_unlike_the_original():
     for chunks in (ours, original):
         assert all(c[0] == BEGIN and c[-1] == END for c in chunks)
         assert [t for c in chunks for t in c[1:-1]] == inner
+
+
+def test_cli_full_verify_hashes_every_file(tmp_path, wiki_file, monkeypatch, capsys):
+    args = ["binarize", "--file_path", wiki_file, "--tokenizer_name", str(tiny.minilm_dir()),
+            "--dump_file", str(tmp_path / "o"), "--max_length", "64"]
+    assert main(args) == 0
+    hashed = _count_hashes(monkeypatch)
+    assert main(args) == 0 and hashed == []
+    assert main(args + ["--full_verify"]) == 0
+    assert sorted(hashed) == sorted(load_binarized(tmp_path / "o")[1]["files"])
+    assert "cache hit" in capsys.readouterr().out

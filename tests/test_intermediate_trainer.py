@@ -9,7 +9,6 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from safetensors import safe_open
 
 import tiny
@@ -301,8 +300,8 @@ def launch(cmd, env_extra=None):
 def zero3_launch_config(tmp_path):
     """The shipped ZeRO-3 config with 2 processes and the Trainer's AdamW (no compiled DeepSpeed ops on CPU)."""
     ds = json.loads((tiny.REPO_ROOT / "accelerate_configs" / "deepspeed_zero3.json").read_text())
-    ds.pop("optimizer")
-    ds.pop("scheduler")
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)
     ds.update(zero_allow_untested_optimizer=True, zero_force_ds_cpu_optimizer=False)
     (tmp_path / "zero3.json").write_text(json.dumps(ds))
     launch_yaml = (tiny.REPO_ROOT / "accelerate_configs" / "deepspeed_zero3.yaml").read_text()

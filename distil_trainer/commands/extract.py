@@ -11,7 +11,9 @@ STRATEGY_CHOICES = ("every_other", "uniform", "first", "last")
 
 
 def add_arguments(parser):
-    parser.add_argument("--model_name", required=True, help="Teacher: Hub name or local directory.")
+    parser.add_argument("--model_name", required=True,
+                        help="Teacher: Hub name, local directory, or GGUF file (path/model.gguf, or "
+                             "folder_or_repo::model.gguf).")
     parser.add_argument("--dump_checkpoint", required=True, help="Output directory for the student.")
     parser.add_argument("--model_type", default=None,
                         help="Expected teacher model_type (bert, roberta, gpt2, llama, ...); checked against its config.")
@@ -30,10 +32,10 @@ def add_arguments(parser):
 
 
 def _load_tokenizer(name, trust_remote_code):
-    from transformers import AutoTokenizer
+    from distil_trainer.model_utils import load_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return load_tokenizer(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         logging.getLogger(__name__).warning("No tokenizer saved: could not load one from %r (%s).", name, err)
         return None
@@ -69,7 +71,7 @@ def _extract(args):
 def run(args):
     try:
         _extract(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as err:
         print(f"distil-trainer extract: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -349,3 +349,45 @@ def load_binarized(output_dir, verify_checksums="changed"):
                          "distil-trainer binarize with the same arguments to rebuild it.")
     return datasets.load_from_disk(str(output_dir)), meta
 
+
+def is_binarized_dir(path):
+    """Whether `path` is a folder written by `binarize` (it holds the metadata file)."""
+    return path is not None and (Path(path) / METADATA_FILE).is_file()
+
+
+def tokenizer_mismatch(meta, tokenizer):
+    """None if `tokenizer` produces the ids of the binarized data described by `meta`, else what differs.
+
+    Compared: the tokenizer's serialised pipeline (vocabulary, merges, normaliser, added tokens), its size and the
+    begin/end/unk ids the sequences were wrapped in -- not its name or path, nor a pad token set after loading."""
+    recorded = meta.get("tokenizer", {})
+    mine = cache.tokenizer_identity(tokenizer)
+    differs = [k for k in ("backend_sha256", "vocab_size") if recorded.get(k) != mine[k]]
+    begin, end, unk = wrapping_token_ids(tokenizer)
+    if meta.get("special_token_ids") != {"begin": begin, "end": end, "unk": unk}:
+        differs.append("begin/end/unk token ids")
+    if not differs:
+        return None
+    return (f"it was binarized with the tokenizer {recorded.get('name_or_path')!r} "
+            f"({recorded.get('vocab_size')} tokens), whose {', '.join(differs)} differ from those of "
+            f"{mine['name_or_path']!r} ({mine['vocab_size']} tokens)")
+
+
+def use_binarized(data_dir, tokenizer, max_length=None, verify_checksums="changed"):
+    """A BinarizeResult for an existing `binarize` output, refused with a message when `tokenizer` (the teacher's)
+    would not have produced its ids, or when its sequences are longer than `max_length`."""
+    data_dir = Path(data_dir)
+    dataset, meta = load_binarized(data_dir, verify_checksums)
+    problem = tokenizer_mismatch(meta, tokenizer)
+    if problem:
+        raise ValueError(f"Binarized data {str(data_dir)!r} does not match the teacher's tokenizer: {problem}. "
+                         "Binarize the corpus again with the teacher's tokenizer (distil-trainer binarize "
+                         "--tokenizer_name <teacher>).")
+    options = meta.get("options", {})
+    longest = options.get("pack") or options.get("rules", {}).get("max_length")
+    if max_length is not None and longest is not None and longest > max_length:
+        raise ValueError(f"Binarized data {str(data_dir)!r} holds sequences of up to {longest} tokens, longer than "
+                         f"max_length={max_length}. Binarize it again with --max_length {max_length} (or --pack "
+                         f"{max_length}), or raise max_length.")
+    return BinarizeResult(dataset, data_dir, True, BinarizeStats(**meta["stats"]), meta)
+

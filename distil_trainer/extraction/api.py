@@ -8,6 +8,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from ..model_utils import resolve_gguf
 from .blocks import num_layers_of
 from .distilbert import extract_distilbert
 from .layers import DEFAULT_STRATEGY, resolve_layers
@@ -30,17 +31,23 @@ def _auto_class(model_type):
 
 def load_teacher(name_or_path, trust_remote_code=False, revision=None):
     """(teacher, missing_keys): the teacher with its LM head; `missing_keys` lists tensors the checkpoint lacked
-    (e.g. the MLM head of a sentence-embedding BERT), which transformers initialised at random."""
+    (e.g. the MLM head of a sentence-embedding BERT), which transformers initialised at random.
+
+    `name_or_path` may also be a GGUF file, `path/model.gguf` or `folder_or_repo::model.gguf` (see
+    `model_utils.resolve_gguf`): transformers de-quantizes it into its regular class (LlamaForCausalLM, ...).
+    """
+    source, gguf_kwargs = resolve_gguf(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision,
+                                            **gguf_kwargs)
     except OSError as err:
         raise FileNotFoundError(
-            f"Could not load a teacher config from {name_or_path!r} ({err}). Pass a local model directory or a "
-            "Hub model name that is available (offline mode needs it in the cache)."
+            f"Could not load a teacher config from {name_or_path!r} ({err}). Pass a local model directory, a GGUF "
+            "file, or a Hub model name that is available (offline mode needs it in the cache)."
         ) from err
     auto_class = _auto_class(config.model_type)
     teacher, info = auto_class.from_pretrained(
-        name_or_path, trust_remote_code=trust_remote_code, revision=revision, output_loading_info=True
+        source, trust_remote_code=trust_remote_code, revision=revision, output_loading_info=True, **gguf_kwargs
     )
     return teacher.eval(), sorted(info.get("missing_keys", ()))
 

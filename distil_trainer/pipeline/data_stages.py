@@ -9,9 +9,11 @@ def load_tokenizer(model_args):
     """The teacher's tokenizer (or `tokenizer_name`), with a pad token."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.teacher_name,
-                                              revision=model_args.teacher_revision,
-                                              trust_remote_code=model_args.trust_remote_code)
+    from ..model_utils import resolve_gguf
+
+    source, gguf_kwargs = resolve_gguf(model_args.tokenizer_name or model_args.teacher_name)  # a GGUF teacher too
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=model_args.teacher_revision,
+                                              trust_remote_code=model_args.trust_remote_code, **gguf_kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; padding is masked out anyway
     return tokenizer
@@ -22,8 +24,22 @@ def data_key(data_args, tokenizer_name):
     from ..data.cache import stable_hash
 
     source = data_args.file_path and str(Path(data_args.file_path).resolve())
-    return stable_hash([tokenizer_name, source, data_args.dataset_name, data_args.dataset_config,
-                        data_args.dataset_split, data_args.text_column, data_args.max_length, data_args.pack])[:12]
+    key = [tokenizer_name, source, data_args.dataset_name, data_args.dataset_config, data_args.dataset_split,
+           data_args.text_column, data_args.max_length, data_args.pack]
+    if getattr(data_args, "binarized_data", None):
+        key.append(str(Path(data_args.binarized_data).resolve()))
+    return stable_hash(key)[:12]
+
+
+def binarized_source(data_args):
+    """The folder of a `distil-trainer binarize` output to use as is: binarized_data, or a file_path that is one."""
+    from ..data.binarize import is_binarized_dir
+
+    if getattr(data_args, "binarized_data", None):
+        return Path(data_args.binarized_data)
+    if is_binarized_dir(data_args.file_path):
+        return Path(data_args.file_path)  # reading its Arrow files as text would make nonsense
+    return None
 
 
 class Binarize(Stage):
@@ -35,10 +51,26 @@ class Binarize(Stage):
     def cache_key(self, ctx):
         return data_key(ctx.data_args, ctx.tokenizer_name)
 
+    def before(self, ctx):
+        """Given binarized data is checked by every rank, before any waits on another: a refusal stops them all."""
+        from ..data.binarize import use_binarized
+        from .recipe_args import ConfigError
+
+        ctx.given_data = binarized_source(ctx.data_args)
+        if ctx.given_data is not None:
+            try:
+                ctx.binarized = use_binarized(ctx.given_data, ctx.tokenizer, max_length=ctx.data_args.max_length)
+            except (ValueError, FileNotFoundError) as err:
+                raise ConfigError(str(err)) from None
+
     def run(self, ctx):
         from ..data import binarize
 
         d = ctx.data_args
+        if ctx.given_data is not None:  # made by `distil-trainer binarize`: used as is, never rebuilt
+            ctx.data_dir = ctx.given_data
+            return (f"{len(ctx.binarized.dataset)} sequences, {ctx.binarized.stats.tokens} tokens (given, tokenizer "
+                    f"checked) in {ctx.data_dir}")
         ctx.data_dir = Path(d.data_cache_dir or ctx.out / "data") / f"binarized-{self.cache_key(ctx)}"
         ctx.binarized = binarize(ctx.data_dir, ctx.tokenizer, file_path=d.file_path, dataset_name=d.dataset_name,
                                  dataset_config=d.dataset_config, split=d.dataset_split, text_column=d.text_column,

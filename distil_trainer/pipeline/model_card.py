@@ -50,6 +50,9 @@ class StudentCardInfo:
     license: str | None = None
     pipeline_tag: str | None = None
     tags: Sequence[str] = ()
+    # Quality of teacher / student before distillation / student (pipeline.student_scores; keys "models",
+    # "stsb_source", "stsb_unavailable", "stsb_pairs", "heldout_sequences", "result_line").
+    scores: Mapping | None = None
 
     @property
     def parameter_ratio(self) -> float:
@@ -80,6 +83,8 @@ def _validate(info: StudentCardInfo) -> None:
         raise ValueError(f"speed_ratio must be > 0 (teacher time / student time), got {info.speed_ratio}.")
     if info.eval_results and not all(isinstance(r, EvalResult) for r in info.eval_results):
         raise ValueError("eval_results must be huggingface_hub.EvalResult objects.")
+    if info.scores is not None and not isinstance(info.scores.get("models"), Mapping):
+        raise ValueError("scores must hold a 'models' mapping ({role: {figure: value}}), as student_scores returns.")
 
 
 def _reject_tokens(text: str) -> None:
@@ -102,13 +107,14 @@ def _card_data(info: StudentCardInfo) -> ModelCardData:
         "parameter_ratio": round(info.parameter_ratio, 6),
         "speed_ratio": info.speed_ratio,
         "speed_measurement": info.speed_measurement,
+        "scores": _scores_metadata(info.scores),
     }
     is_hub_id = bool(_HUB_ID_PATTERN.match(info.teacher_name)) and not os.path.exists(info.teacher_name)
     return ModelCardData(
         model_name=info.model_name,
         base_model=info.teacher_name if is_hub_id else None,
         datasets=list(info.datasets) or None,
-        eval_results=list(info.eval_results) or None,
+        eval_results=[*info.eval_results, *_stsb_eval_result(info.scores)] or None,
         language=info.language,
         license=info.license,
         library_name="transformers",
@@ -116,6 +122,41 @@ def _card_data(info: StudentCardInfo) -> ModelCardData:
         tags=["distillation", "distil_trainer", *info.tags],
         distillation={k: v for k, v in distillation.items() if v is not None},
     )
+
+
+def _scores_metadata(scores) -> dict | None:
+    """The figures of each model, rounded, with where STS-B came from (or why it was missing)."""
+    if not scores:
+        return None
+    out = {"models": {role: {k: round(float(v), 4) for k, v in figures.items()}
+                      for role, figures in scores["models"].items()}}
+    for key in ("stsb_source", "stsb_unavailable", "heldout_sequences", "result_line"):
+        if scores.get(key):
+            out[key] = scores[key]
+    return out
+
+
+def _stsb_eval_result(scores) -> list[EvalResult]:
+    """The student's STS-B score as a model-index entry (when there is one)."""
+    value = ((scores or {}).get("models", {}).get("student") or {}).get("stsb_spearman")
+    if value is None:
+        return []
+    return [EvalResult(task_type="sentence-similarity", dataset_type="glue", dataset_name="GLUE STS-B",
+                       dataset_config="stsb", dataset_split="validation", metric_type="spearmanr",
+                       metric_name="Spearman of cosine (mean pooling)", metric_value=round(float(value), 4))]
+
+
+def _quality_section(scores) -> list[str]:
+    from .score_text import scores_notes, scores_table
+
+    if not scores:
+        return []
+    lines = ["", "## Quality", ""]
+    if scores.get("result_line"):
+        lines += [f"**{scores['result_line']}**", ""]
+    lines += scores_table(scores)
+    notes = scores_notes(scores)
+    return lines + ([""] + notes if notes else [])
 
 
 def _fmt_int(n: int) -> str:
@@ -162,6 +203,8 @@ def _body(info: StudentCardInfo) -> str:
         lines += ["", "### Layer map", "", "Student layers were initialised from these teacher layers:", "",
                   "| Student layer | Teacher layer |", "|---|---|"]
         lines += [f"| {s} | {t} |" for s, t in sorted(layer_map.items())]
+
+    lines += _quality_section(info.scores)
 
     if info.eval_results:
         lines += ["", "## Evaluation", "", "| Task | Dataset | Split | Metric | Value |", "|---|---|---|---|---|"]

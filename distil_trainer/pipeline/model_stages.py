@@ -60,7 +60,8 @@ class FitTeacherHead(Stage):
     def cache_key(self, ctx):
         m = ctx.model_args
         return {"teacher": m.teacher_name, "revision": m.teacher_revision, "steps": m.fit_teacher_mlm_head_steps,
-                "data": ctx.data_dir.name, "seed": ctx.training_args.seed}
+                "decoder": m.fit_teacher_mlm_head_decoder, "method": "cached-body-outputs", "data": ctx.data_dir.name,
+                "samples": len(ctx.train_dataset), "seed": ctx.training_args.seed}
 
     def skip(self, ctx):
         return None if ctx.missing_head else "skipped: the teacher has a pretrained head"
@@ -72,7 +73,7 @@ class FitTeacherHead(Stage):
         ctx.state.wait_for_everyone()
         ctx.teacher, reused = fit_mlm_head(ctx.teacher, ctx.train_dataset, ctx.collator, head_dir,
                                            ctx.model_args.fit_teacher_mlm_head_steps, self.cache_key(ctx),
-                                           batch_size=ctx.training_args.per_device_train_batch_size,
+                                           decoder=ctx.model_args.fit_teacher_mlm_head_decoder,
                                            seed=ctx.training_args.seed, save=ctx.is_main)
         ctx.state.wait_for_everyone()
         ctx.missing = ctx.missing_head = []  # the head now exists, and the student copies it

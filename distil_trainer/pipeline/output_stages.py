@@ -1,41 +1,128 @@
-"""Stages run by the main process only, on the saved student: model card, report, push to the Hub."""
+"""Stages run by the main process only, on the saved student: scores, model card, report, push to the Hub."""
 
 import json
 from pathlib import Path
 
-from .layout import TRAINING_LOG
+from ..atomic import write_text_atomic
+from .layout import SCORES_FILE, STUDENT_INIT_DIR, TRAINING_LOG
+from .recipe_args import ConfigError
 from .stage import Stage
+
+
+def load_saved(ctx):
+    """Reload what was saved, with full tensors (under ZeRO-3 the trained modules hold only their shards); once
+    per run, for the first stage that needs it."""
+    from .. import extraction
+    from ..model_utils import unpartitioned_loading
+    from .model_stages import load_like
+
+    if getattr(ctx, "final_student", None) is not None:
+        return
+    m, final_dir = ctx.model_args, ctx.final_dir
+    with unpartitioned_loading():
+        ctx.final_student = load_like(ctx.teacher, final_dir)
+        if ctx.trainer is not None and ctx.trainer.is_deepspeed_enabled:
+            source = ctx.result.get("teacher_head") or m.teacher_name
+            ctx.teacher, _ = extraction.load_teacher(source, m.trust_remote_code,
+                                                     revision=None if "teacher_head" in ctx.result else
+                                                     m.teacher_revision)
+    log = final_dir / TRAINING_LOG
+    ctx.log_history = json.loads(log.read_text()) if log.exists() else []
+
+
+class Score(Stage):
+    """Teacher, extracted student and distilled student scored on what the teacher is for (student_scores.py);
+    cached in scores.json under a key of the three models' weights, the STS-B source and the held-out text."""
+
+    name = "score"
+    inputs = ("teacher", "trainer", "tokenizer", "collator", "masked_lm")
+    outputs = ("scores",)
+    main_process_only = True
+
+    def enabled(self, ctx):
+        return ctx.recipe_args.score
+
+    def before(self, ctx):
+        r, d = ctx.recipe_args, ctx.data_args
+        if not r.score:
+            ctx.scores = None
+            return
+        if not ctx.masked_lm:
+            raise ConfigError("--score scores masked-LM (encoder) students: embeddings and masked-token figures. "
+                              "Drop --score for a causal LM.")
+        if r.heldout_file and d.file_path and Path(r.heldout_file).resolve() == Path(d.file_path).resolve():
+            raise ConfigError(f"heldout_file {r.heldout_file} is the training corpus; give it lines the run does "
+                              "NOT train on (e.g. the corpus's last lines, removed from file_path).")
+        load_saved(ctx)
+
+    def cache_key(self, ctx):
+        from ..data.cache import stable_hash
+
+        r, out = ctx.recipe_args, ctx.out
+        teacher = ctx.result.get("teacher_head")
+        files = [ctx.final_dir / "model.safetensors", out / STUDENT_INIT_DIR / "model.safetensors"]
+        files += [Path(teacher) / "model.safetensors"] if teacher else []
+        files += [Path(f) for f in (r.stsb_file, r.heldout_file) if f]
+        return stable_hash({"models": [ctx.model_args.teacher_name, ctx.model_args.teacher_revision],
+                            "files": [_file_identity(f) for f in files], "stsb_hub": not r.stsb_file,
+                            "seed": ctx.training_args.seed, "max_length": ctx.data_args.max_length})[:16]
+
+    def skip(self, ctx):
+        path = ctx.out / SCORES_FILE
+        if path.exists():
+            saved = json.loads(path.read_text())
+            # Cached only with STS-B: a run that had no STS-B tries again (a file or Hub access may be there now).
+            if saved.get("key") == self.cache_key(ctx) and saved["scores"].get("stsb_source"):
+                ctx.scores = saved["scores"]
+                return f"reused {path}"
+        return None
+
+    def run(self, ctx):
+        from .model_stages import load_like
+        from .student_scores import read_heldout, score_models
+
+        r = ctx.recipe_args
+        max_length = ctx.data_args.max_length or 128
+        models = {"teacher": ctx.teacher.eval(), "student_init": load_like(ctx.teacher, ctx.out / STUDENT_INIT_DIR),
+                  "student": ctx.final_student.eval()}
+        rows = read_heldout(r.heldout_file, ctx.tokenizer, max_length) if r.heldout_file else None
+        ctx.scores = score_models(models, ctx.teacher, ctx.tokenizer, ctx.collator, stsb_file=r.stsb_file,
+                                  heldout_rows=rows, max_length=max_length)
+        path = ctx.out / SCORES_FILE
+        write_text_atomic(path, json.dumps({"key": self.cache_key(ctx), "scores": ctx.scores}, indent=2))
+        student = ctx.scores["models"]["student"]
+        figures = ", ".join(f"{k} {v:.3f}" for k, v in student.items())
+        return f"student: {figures or 'nothing to score'} -> {path}"
+
+
+def _file_identity(path):
+    path = Path(path)
+    if not path.exists():
+        return [str(path), None]
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 class ModelCard(Stage):
     name = "model card"
-    inputs = ("teacher", "train_dataset", "collator", "layer_map", "trainer")
+    inputs = ("teacher", "train_dataset", "collator", "layer_map", "trainer", "scores")
     outputs = ("final_student", "teacher", "log_history", "speed", "card_info")
     main_process_only = True
 
     def before(self, ctx):
-        """Reload what was saved, with full tensors (under ZeRO-3 the trained modules hold only their shards)."""
-        from .. import extraction
-        from ..model_utils import unpartitioned_loading
-        from .model_stages import load_like
-
-        m, final_dir = ctx.model_args, ctx.final_dir
-        with unpartitioned_loading():
-            ctx.final_student = load_like(ctx.teacher, final_dir)
-            if ctx.trainer is not None and ctx.trainer.is_deepspeed_enabled:
-                source = ctx.result.get("teacher_head") or m.teacher_name
-                ctx.teacher, _ = extraction.load_teacher(source, m.trust_remote_code,
-                                                         revision=None if "teacher_head" in ctx.result else
-                                                         m.teacher_revision)
-        log = final_dir / TRAINING_LOG
-        ctx.log_history = json.loads(log.read_text()) if log.exists() else []
+        load_saved(ctx)
 
     def run(self, ctx):
         from .model_card import write_model_card
+        from .student_scores import result_line
 
         ctx.speed = _speed(ctx.teacher, ctx.final_student, ctx.train_dataset, ctx.collator)
         ctx.card_info = info = _card_info(ctx, ctx.teacher, ctx.final_student, ctx.layer_map, ctx.log_history,
                                           ctx.speed)
+        if ctx.scores is not None:
+            info.scores = dict(ctx.scores, result_line=result_line(ctx.scores, info.speed_ratio,
+                                                                   info.parameter_ratio))
+            ctx.result["result_line"] = info.scores["result_line"]
         write_model_card(info, ctx.final_dir, overwrite=True)
         ctx.result.update(student_parameters=info.student_parameters, teacher_parameters=info.teacher_parameters,
                           speed_ratio=info.speed_ratio)
@@ -53,11 +140,11 @@ class Report(Stage):
 
     def run(self, ctx):
         from .report import write_report
-        from .teacher_head import last_fit_loss
+        from .teacher_head import fit_summary
 
-        head_loss = last_fit_loss(ctx.result["teacher_head"]) if ctx.result.get("teacher_head") else None
+        head = fit_summary(ctx.result["teacher_head"]) if ctx.result.get("teacher_head") else None
         path = write_report(ctx.out, ctx.card_info.teacher_name, ctx.teacher, ctx.final_student, ctx.log_history,
-                            ctx.speed, ctx.training_args, teacher_head_loss=head_loss)
+                            ctx.speed, ctx.training_args, teacher_head=head, scores=ctx.card_info.scores)
         ctx.result["report"] = str(path)
         return str(path)
 

@@ -16,7 +16,8 @@ from ..distillation_config import DistillationArguments
 
 @dataclass
 class ModelArguments:
-    teacher_name: str = field(metadata={"help": "Teacher: Hub name or local path (e.g. bert-base-uncased)."})
+    teacher_name: str = field(metadata={"help": "Teacher: Hub name, local path (e.g. bert-base-uncased) or GGUF file "
+                                                "(path/model.gguf or folder_or_repo::model.gguf)."})
     teacher_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
     student_type: str = field(default="same", metadata={"help": "'same' (teacher's architecture, fewer layers) or "
                                                                 "'distilbert' (BERT teacher -> DistilBERT)."})
@@ -33,8 +34,11 @@ class ModelArguments:
                                             "choices": ["teacher_layers", "random"]})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Defaults to the teacher's tokenizer."})
     fit_teacher_mlm_head_steps: int = field(
-        default=0, metadata={"help": "For a teacher without an MLM head: fit the head on the corpus for this many "
-                                     "steps with the body frozen (cached) before distilling. 0 = off."})
+        default=0, metadata={"help": "For a teacher without an MLM head: fit the head on the corpus, body frozen, for "
+                                     "at most this many updates (early stopping; cached) before distilling. 0 = off."})
+    fit_teacher_mlm_head_decoder: str = field(
+        default="tied", metadata={"help": "'tied' (decoder = the frozen word embeddings) or 'untied' (a decoder of its "
+                                          "own, initialised from them and trained).", "choices": ["tied", "untied"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub (off)."})
 
 
@@ -42,6 +46,9 @@ class ModelArguments:
 class DataArguments:
     file_path: str | None = field(default=None, metadata={"help": "Text file (one sequence per line) or folder."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name (instead of file_path)."})
+    binarized_data: str | None = field(default=None, metadata={
+        "help": "Folder made by `distil-trainer binarize` (instead of file_path or dataset_name), used as is; its "
+                "tokenizer must be the teacher's. A file_path that is such a folder is used the same way."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     dataset_split: str = field(default="train", metadata={"help": "Hub dataset split."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
@@ -68,6 +75,13 @@ class RecipeArguments:
                                                                         "(default: hub_model_id or output_dir)."})
     teacher_card_name: str | None = field(default=None, metadata={"help": "Teacher name shown in the model card "
                                                                           "(default: teacher_name)."})
+    score: bool = field(default=False, metadata={"help": "Score teacher, extracted and distilled student (masked-LM "
+                                                         "teachers): STS-B Spearman of mean-pooled embeddings and "
+                                                         "fidelity on heldout_file; into report.md and the card."})
+    stsb_file: str | None = field(default=None, metadata={"help": "GLUE STS-B dev.tsv for --score (default: the Hub's "
+                                                                  "nyu-mll/glue stsb validation split)."})
+    heldout_file: str | None = field(default=None, metadata={"help": "Text (one sequence per line) the run does NOT "
+                                                                     "train on, for --score's fidelity figures."})
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, DistillationArguments, RecipeArguments)
@@ -175,9 +189,11 @@ def parse_recipe_args(argv=None, default_config=None):
     # A corpus given on the command line replaces the recipe's corpus, whichever kind the YAML names.
     cli_keys = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     if "file_path" in cli_keys and "dataset_name" not in cli_keys:
-        yaml_argv = _drop(yaml_argv, ("dataset_name", "dataset_config"))
+        yaml_argv = _drop(yaml_argv, ("dataset_name", "dataset_config", "binarized_data"))
     if "dataset_name" in cli_keys and "file_path" not in cli_keys:
-        yaml_argv = _drop(yaml_argv, ("file_path",))
+        yaml_argv = _drop(yaml_argv, ("file_path", "binarized_data"))
+    if "binarized_data" in cli_keys and not cli_keys & {"file_path", "dataset_name"}:
+        yaml_argv = _drop(yaml_argv, ("file_path", "dataset_name", "dataset_config"))
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     yaml_keys = {a[2:] for a in yaml_argv if a.startswith("--")}
     with _OneLineErrors(parser, config, yaml_keys):
@@ -192,8 +208,10 @@ def parse_recipe_args(argv=None, default_config=None):
         close = difflib.get_close_matches(unknown, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else "; see --help for the valid options."
         raise ConfigError(f"unknown option '{unknown}'{hint}")
-    if (data_args.file_path is None) == (data_args.dataset_name is None):
-        raise ConfigError("set exactly one of file_path (a text file or folder) and dataset_name (a Hub dataset).")
+    corpora = [data_args.file_path, data_args.dataset_name, data_args.binarized_data]
+    if sum(c is not None for c in corpora) != 1:
+        raise ConfigError("set exactly one of file_path (a text file or folder), dataset_name (a Hub dataset) and "
+                          "binarized_data (a folder made by distil-trainer binarize).")
     recipe_args.config = config
     ref = model_args.student_reference_config
     if config and ref and not os.path.isabs(ref) and not os.path.exists(ref):

@@ -80,10 +80,11 @@ def plot_loss_curves(log_history, path):
     return path
 
 
-def write_report(output_dir, teacher_name, teacher, student, log_history, speed, training_args,
-                 teacher_head_loss=None):
-    """report.md (and loss_curve.png) in `output_dir`: loss weights, parameter counts, measured speed, first and
-    last logged losses; returns its path."""
+def write_report(output_dir, teacher_name, teacher, student, log_history, speed, training_args, teacher_head=None,
+                 scores=None):
+    """report.md (and loss_curve.png) in `output_dir`: the one-line result and the scores (when scored), the fitted
+    teacher head's figures, loss weights, parameter counts, measured speed, first and last logged losses; returns
+    its path."""
     output_dir = Path(output_dir)
     png = plot_loss_curves(log_history, output_dir / "loss_curve.png")
     t_params, s_params = count_parameters(teacher), count_parameters(student)
@@ -99,16 +100,11 @@ def write_report(output_dir, teacher_name, teacher, student, log_history, speed,
         f"temperature {training_args.temperature}.",
         "",
     ]
-    if teacher_head_loss is not None:
-        import math
-
-        lines += ["The teacher was shipped without an MLM head. Before distilling, its head (transform + output "
-                  "bias; the decoder is tied to the frozen word embeddings) was fitted on the training corpus with "
-                  "the body frozen, so L_ce matches the logits of that fitted head. Its last MLM training loss was "
-                  f"{teacher_head_loss:.3f} (a uniform guess over the {student.config.vocab_size} tokens scores "
-                  f"{math.log(student.config.vocab_size):.3f}): a short fit gives a weak head, and L_ce can only "
-                  "transfer what that head knows.", ""]
+    lines += _scores_section(scores)
+    lines += _teacher_head_section(teacher_head)
     lines += [
+        "## Size and speed",
+        "",
         "| | teacher | student | student / teacher |",
         "|---|---:|---:|---:|",
         f"| parameters | {t_params:,} | {s_params:,} | {s_params / t_params:.1%} |",
@@ -118,7 +114,7 @@ def write_report(output_dir, teacher_name, teacher, student, log_history, speed,
     ]
     if rows:
         terms = sorted(k for k in last if k.startswith("loss_") or k == "teacher_agreement")
-        lines += ["| logged | step | loss | " + " | ".join(terms) + " |",
+        lines += ["## Training", "", "| logged | step | loss | " + " | ".join(terms) + " |",
                   "|---|---:|---:|" + "---:|" * len(terms)]
         for name, r in (("first", first), ("last", last)):
             lines.append(f"| {name} | {r.get('step')} | {r['loss']:.4f} | "
@@ -129,3 +125,35 @@ def write_report(output_dir, teacher_name, teacher, student, log_history, speed,
     path = output_dir / "report.md"
     write_text_atomic(path, "\n".join(lines))
     return path
+
+
+def _scores_section(scores):
+    from .score_text import scores_notes, scores_table
+
+    if not scores:
+        return []
+    lines = ["## Quality", ""]
+    if scores.get("result_line"):
+        lines += [f"**{scores['result_line']}**", ""]
+    lines += scores_table(scores) + [""]
+    return lines + [" ".join(scores_notes(scores)), ""]
+
+
+def _teacher_head_section(head):
+    """The fitted MLM head of a teacher shipped without one: how it was fitted and how well it predicts."""
+    if not head:
+        return []
+    decoder = ("its own decoder, initialised from the word embeddings and trained" if head["decoder"] == "untied"
+               else "the decoder tied to the frozen word embeddings")
+    stop = (f"stopped after {head['steps']} updates, the held-out loss no longer improving" if head["stopped_early"]
+            else f"ran its {head['steps']} updates (max)")
+    return ["## Teacher MLM head", "",
+            "The teacher was shipped without an MLM head. Before distilling, one was fitted with the body frozen "
+            f"(transform and output bias, with {decoder}) on the body's outputs at {head['masked_rows']:,} masked "
+            f"positions of the training corpus, {head['heldout_rows']:,} of them held out for early stopping; it "
+            f"{stop}, and the head of update {head['best_step']} was kept. L_ce matches the logits of this head.",
+            "",
+            "| masked positions | loss | top-1 accuracy |", "|---|---:|---:|",
+            f"| training (sample) | {head['train_loss']:.3f} | {head['train_accuracy']:.1%} |",
+            f"| held out | {head['heldout_loss']:.3f} | {head['heldout_accuracy']:.1%} |",
+            f"| uniform guess | {head['uniform_loss']:.3f} | |", ""]

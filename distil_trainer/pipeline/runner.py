@@ -1,5 +1,6 @@
 """The pipeline as a list of stages, and the loop that runs them: numbered headers and one-line summaries printed
-by the main process, main-process-first stages run on rank 0 before the others, the output_dir lock held for
+by the main process, main-process-first stages run on rank 0, then on the first rank of each other node, then on
+the rest (node_order.py: the data cache may be on node-local disks), the output_dir lock held for
 the whole run. `main` is the entry point of the recipe scripts."""
 
 import contextlib
@@ -12,7 +13,8 @@ from ..run_lock import OutputDirInUse
 from .data_stages import Binarize, TokenCounts, load_tokenizer
 from .layout import STUDENT_DIR
 from .model_stages import ExtractStudent, FitTeacherHead, LoadTeacher
-from .output_stages import ModelCard, PushToHub, Report
+from .node_order import each_node_first
+from .output_stages import ModelCard, PushToHub, Report, Score
 from .recipe_args import ConfigError
 from .stage import RunContext
 from .training_stages import Distil, SaveStudent, TrainingStopped
@@ -21,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 # In the order they run; each reads only what the runner or an earlier stage set.
 STAGES = (Binarize(), LoadTeacher(), TokenCounts(), FitTeacherHead(), ExtractStudent(), Distil(), SaveStudent(),
-          ModelCard(), Report(), PushToHub())
+          Score(), ModelCard(), Report(), PushToHub())
 
 
 class _Headers:
@@ -52,7 +54,10 @@ def run_pipeline(model_args, data_args, training_args, recipe_args):
 
     lock = output_dir_lock(training_args.output_dir) if PartialState().is_main_process else contextlib.nullcontext()
     with lock:
-        return run_stages(_context(model_args, data_args, training_args, recipe_args), STAGES)
+        result = run_stages(_context(model_args, data_args, training_args, recipe_args), STAGES)
+    if result.get("result_line"):  # the run's verdict, last (set by the main process only)
+        print(result["result_line"], flush=True)
+    return result
 
 
 def _context(model_args, data_args, training_args, recipe_args):
@@ -92,8 +97,8 @@ def _run_stage(stage, ctx, headers):
     logger.debug("stage %s: cache key %s", stage.name, stage.cache_key(ctx))
     with headers.stage(stage.name) as box:
         with contextlib.ExitStack() as stack:
-            if stage.main_process_first:
-                stack.enter_context(ctx.state.main_process_first())
+            if stage.main_process_first:  # rank 0, then each other node's first rank, then the rest
+                stack.enter_context(each_node_first(ctx.state))
             if stage.whole_models:
                 stack.enter_context(unpartitioned_loading())
             summary = stage.skip(ctx)

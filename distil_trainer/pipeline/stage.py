@@ -19,7 +19,8 @@ class Stage:
     name = ""  # printed as "==> [i/n] <name>" and "    <name>: <summary> (<seconds> s)"
     inputs = ()  # context fields read (set by the runner or an earlier stage)
     outputs = ()  # context fields set, whether the stage runs or reuses its output
-    main_process_first = False  # rank 0 builds the cached output first; the other ranks then reuse it
+    main_process_first = False  # rank 0 builds the cached output first, then each other node's first rank (which
+    # reuses it on a shared filesystem, builds its node's copy otherwise), then the rest reuse it (node_order.py)
     main_process_only = False  # the other ranks skip it: cards, reports and pushes are written once
     whole_models = False  # models are loaded unpartitioned, even under DeepSpeed ZeRO-3
 

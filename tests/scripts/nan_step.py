@@ -73,15 +73,10 @@ class Record(TrainerCallback):
 record = Record()
 trainer.add_callback(record)
 losses.hidden_cosine = poisoned
-error = None
-try:
-    trainer.train()
-except RuntimeError as err:  # reported, so that the test can check the message
-    error = str(err)
+trainer.train()
 (out / f"rank{rank}.json").write_text(json.dumps({
     "nonfinite_steps": trainer.nonfinite_steps, "nonfinite_terms": trainer.nonfinite_terms,
     "stopped_on_nonfinite": trainer.stopped_on_nonfinite, "global_step": trainer.state.global_step,
-    "steps": record.steps, "error": error,
-    "log": [r for r in trainer.state.log_history if "loss" in r],
+    "steps": record.steps,
 }))
 torch.distributed.destroy_process_group()
