@@ -3,8 +3,8 @@
 import logging
 import os
 
-from .model_utils import (BARE, CAUSAL_LM, LM_HEADS, MASKED_LM, SEQUENCE_CLASSIFICATION, TASK_HEADS, head_kind,
-                          hidden_size, load_tokenizer, unwrap, vocab_size)
+from .model_utils import (BARE, CAUSAL_LM, LM_HEADS, MASKED_LM, SEQUENCE_CLASSIFICATION, TASK_HEADS,
+                          forward_arguments, head_kind, hidden_size, load_tokenizer, unwrap, vocab_size)
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +122,24 @@ def check_output_dir(args, resume_from_checkpoint=None):
             f"output_dir {args.output_dir!r} already holds a finished run ({found[0]}). Pass "
             "--overwrite_output_dir to replace it, or choose another --output_dir."
         )
+
+
+def check_chunked_head(student, teacher, args):
+    """`logits_chunk_size` projects hidden states with the models' LM heads itself: refuse models where that
+    would not give their logits, naming the model and the fix."""
+    fix = "set logits_chunk_size=None to compute the terms from full logits."
+    if head_kind(student) != CAUSAL_LM:
+        raise ValueError(f"logits_chunk_size={args.logits_chunk_size} needs a causal-LM student, but the student is "
+                         f"{_name(student)}; {fix}")
+    uses_teacher = any(k in args.loss_weights for k in ("ce", "mse"))
+    for role, model in (("student", student), ("teacher", teacher)) if uses_teacher else (("student", student),):
+        inner = unwrap(model)
+        if "logits_to_keep" not in forward_arguments(model) or inner.get_output_embeddings() is None:
+            raise ValueError(f"logits_chunk_size needs the {role} {_name(model)} to take logits_to_keep and have an "
+                             f"output embedding (its LM head); {fix}")
+        config = inner.config.get_text_config()
+        scaled = [k for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+                  if getattr(config, k, None) not in (None, 1, 1.0)]
+        if scaled:
+            raise ValueError(f"The {role} {_name(model)} transforms its LM head's output ({', '.join(scaled)}), which "
+                             f"the chunked projection does not reproduce; {fix}")

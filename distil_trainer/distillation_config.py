@@ -60,6 +60,12 @@ class DistillationArguments(TrainingArguments):
         metadata={"help": "beta of divergence='jsd' (TRL's GKD convention): beta*KL(P_t||M) + (1-beta)*KL(P_s||M), "
                           "M = beta*P_t + (1-beta)*P_s; 0 gives the forward KL, 1 the reverse KL, as in TRL."},
     )
+    logits_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Causal-LM students: compute L_ce, L_mse, L_clm and the agreement from the last hidden "
+                          "states, projecting this many positions to the vocabulary at a time (teacher and student), "
+                          "so no full [tokens x vocab] logit tensor exists in training. None: from the full logits."},
+    )
     restrict_ce_to_mask: bool = field(
         default=False, metadata={"help": "Compute L_ce/L_mse only at masked (MLM label) positions."}
     )
@@ -145,6 +151,8 @@ class DistillationArguments(TrainingArguments):
 
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence={self.divergence!r}; use one of {', '.join(DIVERGENCES)}.")
+        if self.logits_chunk_size is not None and self.logits_chunk_size < 1:
+            raise ValueError(f"logits_chunk_size={self.logits_chunk_size} must be >= 1 (or None for full logits).")
         if not 0 <= self.jsd_beta <= 1:
             raise ValueError(f"jsd_beta={self.jsd_beta} must be in [0, 1] (0: forward KL, 1: reverse KL, GKD used "
                              "0.1 to 0.9).")

@@ -17,7 +17,7 @@ from transformers import Trainer
 from . import losses
 from .atomic import write_text_atomic
 from .callbacks import CollatorEpochCallback, NonFiniteLossGuard, nonfinite_parameters
-from .checks import check_output_dir, check_student_teacher
+from .checks import check_chunked_head, check_output_dir, check_student_teacher
 from .distillation_config import DistillationArguments
 from .intermediate import IntermediateTerms, saving_projections
 from .run_lock import output_dir_lock
@@ -72,6 +72,8 @@ class DistillationTrainer(Trainer):
         # differently around one tokenizer.
         self._shared_vocab = check_student_teacher(model, teacher_model, args, kwargs.get("processing_class"),
                                                    teacher_processing_class)
+        if args.logits_chunk_size is not None:
+            check_chunked_head(model, teacher_model, args)
         # L_hidden/L_attn/L_relation: eager attention, hooks, and width projections that join the student.
         self._intermediate = IntermediateTerms(model, teacher_model, args)
         self._intermediate.attach_projections(model)
@@ -89,6 +91,11 @@ class DistillationTrainer(Trainer):
 
         super().__init__(model=model, args=args, **kwargs)
 
+        if args.logits_chunk_size is not None and (self.is_fsdp_enabled or (
+                self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)):
+            raise ValueError("logits_chunk_size projects hidden states with the LM heads outside the models' forward, "
+                             "where FSDP and DeepSpeed ZeRO-3 hold only a shard of each head; use DDP or ZeRO-1/2, "
+                             "or set logits_chunk_size=None.")
         self.teacher = freeze_teacher(teacher_model)
         if self.is_deepspeed_enabled:
             self.teacher = prepare_teacher_for_deepspeed(self.teacher, self.accelerator)
@@ -251,21 +258,25 @@ class DistillationTrainer(Trainer):
                 "For sentence pairs and QA, tokenize with return_token_type_ids=True (a DistilBERT tokenizer then "
                 "makes them too).", type(unwrap(self.teacher)).__name__)
 
-    def _forward(self, model, inputs, keep, output_hidden_states):
+    def _forward(self, model, inputs, keep, output_hidden_states, chunked=False):
         model_inputs = {k: v for k, v in inputs.items() if k in keep}
-        if output_hidden_states:
+        if output_hidden_states or chunked:
             model_inputs["output_hidden_states"] = True
+        if chunked:  # no logits: the loss projects the last hidden states itself, a chunk at a time
+            model_inputs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
         model_inputs.update(self._intermediate.forward_options())
         return model(**model_inputs)
 
-    def _term_sums(self, inputs, student_out, teacher_out):
+    def _term_sums(self, inputs, student_out, teacher_out, chunked=False):
         """{term: sum over its items in this micro-batch} for the weighted terms, plus top-1 agreement."""
         w, T = self._weights, self.args.temperature
         masks = self._position_masks(inputs)
         head = self._student_head
         sums = {}
         agreement = None
-        if teacher_out is not None and ("ce" in w or "mse" in w):
+        if chunked:
+            sums, agreement = self._chunked_head_sums(inputs, student_out, teacher_out)
+        elif teacher_out is not None and ("ce" in w or "mse" in w):
             if head == QUESTION_ANSWERING:
                 mask = masks["logits"]
                 if "ce" in w:
@@ -301,12 +312,41 @@ class DistillationTrainer(Trainer):
                                                mask=masks["tokens"], reduction="sum")
         if "mlm" in w:
             sums["mlm"] = losses.masked_lm_loss(student_out.logits, inputs["labels"], reduction="sum")
-        if "clm" in w:
+        if "clm" in w and not chunked:
             sums["clm"] = losses.causal_lm_loss(student_out.logits, inputs["labels"], reduction="sum")
         if "task" in w:
             # The model's own loss is a mean over its items (examples, or labelled tokens for tagging): undo it.
             count = self._item_counts(inputs)[TERMS.index("task")]
             sums["task"] = student_out.loss * count.to(student_out.loss.dtype)
+        return sums, agreement
+
+    def _chunked_head_sums(self, inputs, student_out, teacher_out):
+        """L_ce, L_mse, L_clm and the agreement from the last hidden states, projected a chunk of positions at a
+        time (`logits_chunk_size`): the same sums as from full logits, without a [tokens x vocab] tensor."""
+        w = self._weights
+        terms = [t for t in ("ce", "mse") if t in w and teacher_out is not None]
+        kl_mask = self._position_masks(inputs)["logits"]
+        if not terms:
+            kl_mask = torch.zeros_like(kl_mask)
+        targets = None
+        if "clm" in w:  # the logits at t are scored on the token at t + 1
+            labels = inputs["labels"]
+            targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+            terms.append("lm")
+        student_hidden = student_out.hidden_states[-1]
+        student_head = unwrap(self.model).get_output_embeddings()
+        if teacher_out is not None:
+            teacher_hidden, teacher_head = teacher_out.hidden_states[-1], unwrap(self.teacher).get_output_embeddings()
+        else:  # only L_clm: nothing of the teacher's is compared (kl_mask is empty)
+            teacher_hidden, teacher_head = student_hidden.detach(), student_head
+        got = losses.chunked_head_terms(
+            student_hidden, teacher_hidden, student_head, teacher_head, self.args.temperature, kl_mask=kl_mask,
+            targets=targets, chunk_size=self.args.logits_chunk_size, vocab=self._shared_vocab,
+            divergence=self.args.divergence, jsd_beta=self.args.jsd_beta, terms=terms)
+        sums = {t: got[t] for t in ("ce", "mse") if t in terms}
+        if "lm" in got:
+            sums["clm"] = got["lm"]
+        agreement = (got["agree"], kl_mask.sum()) if teacher_out is not None and terms != ["lm"] else None
         return sums, agreement
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -315,15 +355,17 @@ class DistillationTrainer(Trainer):
         need_hidden = "cos" in w or self._intermediate.needs_hidden_states
         # The student's LM losses are computed here from its logits; it gets its targets only for a task loss.
         student_keep = self._student_inputs - (set() if "task" in w else set(TARGET_KEYS))
+        # In training, logits_chunk_size computes the LM-head terms from hidden states (evaluation keeps logits).
+        chunked = self.args.logits_chunk_size is not None and model.training
         with self._intermediate.recording("student") as student_qkv:
-            student_out = self._forward(model, inputs, student_keep, need_hidden)
+            student_out = self._forward(model, inputs, student_keep, need_hidden, chunked)
         teacher_out = teacher_qkv = None
         if any(t in w for t in _TEACHER_TERMS):
             self._check_segments(inputs)
             with torch.no_grad(), self.accelerator.autocast(), self._intermediate.recording("teacher") as teacher_qkv:
                 teacher_out = self._forward(self.teacher, inputs, self._teacher_inputs - set(TARGET_KEYS),
-                                            need_hidden)
-        sums, agreement = self._term_sums(inputs, student_out, teacher_out)
+                                            need_hidden, chunked)
+        sums, agreement = self._term_sums(inputs, student_out, teacher_out, chunked)
         sums.update(self._intermediate.term_sums(student_out, teacher_out, student_qkv, teacher_qkv,
                                                  self._position_masks(inputs)["tokens"], model.training))
 

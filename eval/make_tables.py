@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from distil_trainer.atomic import current_umask
+
 # (column title, task, metric names in display order)
 GLUE_COLUMNS = (
     ("CoLA (MCC)", "cola", ("matthews_correlation",)),
@@ -292,6 +294,7 @@ def _atomic_write(path, write):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the tables from other users
     os.close(fd)
     try:
         write(tmp)

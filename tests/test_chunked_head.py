@@ -104,3 +104,64 @@ def test_matches_cross_entropy_of_the_library():
     expected = F.cross_entropy(student_head(hidden_s).reshape(-1, 50), targets.reshape(-1), ignore_index=-100,
                                reduction="sum")
     assert got["lm"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ---- in the trainer (logits_chunk_size) ----
+
+import tiny  # noqa: E402
+from distil_trainer import DistillationArguments, DistillationTrainer  # noqa: E402
+from test_accumulation import PadCollator, masked_examples, one_step_update  # noqa: E402
+
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_trainer_gradient_matches_full_logits(divergence, tmp_path, monkeypatch):
+    """One SGD step of L_ce + L_mse + L_clm: chunks of 7 positions (over 4 accumulated micro-batches) give the
+    gradient of the full-logit path (one batch of 16), and the student's head never projects more than a chunk."""
+    tok = tiny.gpt2_tokenizer()
+    teacher = tiny.tiny_gpt2_lm(**NO_DROPOUT)
+    data = masked_examples(tok, causal=True)
+    make = lambda: tiny.tiny_gpt2_lm(layers=2, seed=7, **NO_DROPOUT)  # noqa: E731
+    weights = dict(alpha_ce=1.0, alpha_mse=0.01, alpha_clm=0.5, divergence=divergence, jsd_beta=0.3)
+    full = one_step_update(make, teacher, data, PadCollator(tok.pad_token_id), 16, 1, tmp_path, **weights)
+
+    largest = []
+    linear = torch.nn.Linear.forward
+
+    def counting(self, x):
+        if self.out_features == 50257:  # the LM heads
+            largest.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return linear(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
+    chunked = one_step_update(make, teacher, data, PadCollator(tok.pad_token_id), 4, 4, tmp_path,
+                              logits_chunk_size=7, **weights)
+    assert max(largest) == 7
+    assert ((full - chunked).norm() / full.norm()).item() < 1e-5
+
+
+def test_trainer_logs_the_same_terms(tmp_path):
+    tok = tiny.gpt2_tokenizer()
+    teacher = tiny.tiny_gpt2_lm(**NO_DROPOUT)
+    data = masked_examples(tok, n=8, causal=True)
+    logs = []
+    for chunk in (None, 5):
+        args = DistillationArguments(output_dir=str(tmp_path / str(chunk)), report_to=[], use_cpu=True, max_steps=1,
+                                     per_device_train_batch_size=8, logging_steps=1, save_strategy="no",
+                                     alpha_ce=1.0, alpha_clm=1.0, alpha_mlm=0.0, alpha_cos=0.0,
+                                     logits_chunk_size=chunk, train_sampling_strategy="sequential")
+        trainer = DistillationTrainer(model=tiny.tiny_gpt2_lm(layers=2, seed=7, **NO_DROPOUT), teacher_model=teacher,
+                                      args=args, train_dataset=data, data_collator=PadCollator(tok.pad_token_id))
+        trainer.train()
+        logs.append(next(e for e in trainer.state.log_history if "loss_ce" in e))
+    for key in ("loss", "loss_ce", "loss_clm", "teacher_agreement"):
+        assert logs[1][key] == pytest.approx(logs[0][key], rel=1e-5), key
+
+
+def test_refused_where_it_cannot_work(tmp_path):
+    args = DistillationArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, logits_chunk_size=64)
+    with pytest.raises(ValueError, match="needs a causal-LM student.*logits_chunk_size=None"):
+        DistillationTrainer(model=tiny.tiny_distilbert_mlm(), teacher_model=tiny.tiny_bert_mlm(), args=args)
+    with pytest.raises(ValueError, match="logits_chunk_size=0 must be >= 1"):
+        DistillationArguments(output_dir=str(tmp_path), logits_chunk_size=0)

@@ -90,6 +90,13 @@ def test_tables_markdown_exact(tmp_path, capsys):
     assert (out / "tables.md").read_text() == EXPECTED
     png = (out / "scores.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
+    # Readable by the other users of a shared folder (mode from the umask, not mkstemp's private 0600).
+    import os
+    old_umask = os.umask(0o022)
+    os.umask(old_umask)
+    expected_mode = 0o666 & ~old_umask
+    for name in ("tables.md", "scores.png"):
+        assert (out / name).stat().st_mode & 0o777 == expected_mode, name
     # Outputs are not replaced without --overwrite.
     with pytest.raises(FileExistsError, match="--overwrite"):
         make_tables.main(["--results", str(student), "--output_dir", str(out)])

@@ -146,6 +146,9 @@ def test_terms_are_logged_and_train_on_a_causal_llama(tmp_path):
     for entry in logged:
         assert {"loss_clm", "loss_hidden", "loss_relation"} <= entry.keys()
         assert entry["loss_hidden"] > 0 and entry["loss_relation"] > 0
+    # Evaluation goes through the same loss, and hands Trainer only the logits (no hidden states).
+    metrics = trainer.evaluate(eval_dataset=data.select(range(4)))
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
 
 
 # ---- exact under accumulation: one SGD step from 16 examples, batch 16 x 1 vs batch 4 x 4 ----
@@ -182,6 +185,20 @@ def test_accumulation_is_exact(tmp_path, weights):
     if "alpha_hidden" in weights:  # the projections were trained, with the same exact gradient
         moved = [n for n in big if n.startswith("distillation_projections.") and big[n].norm() > 0]
         assert moved
+
+
+def test_gradient_checkpointing_gives_the_same_update_and_reentrant_is_refused(tmp_path):
+    tok = tiny.bert_tokenizer()
+    data, collate = masked_examples(tok, n=8), PadCollator(tok.pad_token_id)
+    weights = dict(alpha_hidden=1.0, alpha_relation=1.0, relation_heads=4)
+    plain = one_step_update(data, collate, 8, 1, tmp_path / "plain", **weights)
+    # Layers re-run in backward: the hooks record nothing then, and the recorded tensors keep their graph.
+    checkpointed = one_step_update(data, collate, 8, 1, tmp_path / "gc", gradient_checkpointing=True, **weights)
+    for n in plain:
+        assert torch.allclose(plain[n], checkpointed[n], rtol=1e-4, atol=1e-7), n
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        one_step_update(data, collate, 8, 1, tmp_path / "reentrant", gradient_checkpointing=True,
+                        gradient_checkpointing_kwargs={"use_reentrant": True}, **weights)
 
 
 # ---- projections: checkpoints, resume, export ----

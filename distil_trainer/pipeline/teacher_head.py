@@ -122,7 +122,9 @@ def train_head(head, params, hidden, targets, train_index, heldout_index, max_st
     generator = torch.Generator().manual_seed(seed)
     held_h, held_y = hidden[heldout_index], targets[heldout_index]
     order, cursor = train_index[torch.randperm(len(train_index), generator=generator)], 0
-    best_loss, best_step, best_state, bad, log, running = math.inf, 0, _copy(params), 0, [], []
+    held_loss, held_acc = head_metrics(head, held_h, held_y)  # the starting point, kept if nothing beats it
+    log = [{"step": 0, "heldout_loss": held_loss, "heldout_accuracy": held_acc}]
+    best_loss, best_step, best_state, bad, running = held_loss, 0, _copy(params), 0, []
     for step in range(1, max_steps + 1):
         if cursor + batch_size > len(order):  # a new epoch over the training rows
             order, cursor = train_index[torch.randperm(len(train_index), generator=generator)], 0
