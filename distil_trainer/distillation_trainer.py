@@ -20,8 +20,9 @@ from .callbacks import CollatorEpochCallback, NonFiniteLossGuard, nonfinite_para
 from .checks import check_chunked_head, check_output_dir, check_student_teacher
 from .distillation_config import DistillationArguments
 from .intermediate import IntermediateTerms, saving_projections
+from .on_policy import PROMPT_LENGTH_KEY, make_on_policy
 from .run_lock import output_dir_lock
-from .model_utils import (LM_HEADS, QUESTION_ANSWERING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION,
+from .model_utils import (CAUSAL_LM, LM_HEADS, QUESTION_ANSWERING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION,
                           forward_arguments, freeze_position_embeddings, freeze_teacher, freeze_token_type_embeddings,
                           head_kind, load_teacher, prepare_teacher_for_deepspeed, unwrap, uses_token_type_ids)
 
@@ -77,6 +78,8 @@ class DistillationTrainer(Trainer):
         # L_hidden/L_attn/L_relation: eager attention, hooks, and width projections that join the student.
         self._intermediate = IntermediateTerms(model, teacher_model, args)
         self._intermediate.attach_projections(model)
+        # lmbda / seq_kd: micro-batches whose continuations are generated before the loss (on_policy.py).
+        self._on_policy = make_on_policy(args, model, kwargs.get("processing_class"), self._student_head == CAUSAL_LM)
         # Freeze before the optimizer is built, so frozen tensors are not even handed to it.
         if args.freeze_pos_embs:
             logger.info("Frozen: %s", freeze_position_embeddings(model))
@@ -124,7 +127,7 @@ class DistillationTrainer(Trainer):
         # distillation mask, and the stored lengths that group_by_length sampling reads (otherwise transformers
         # drops the column and re-measures every example). The student's forward filters them out again.
         teacher_only = sorted(self._teacher_inputs - set(self._signature_columns))
-        for column in (*teacher_only, DISTILLATION_MASK_KEY, self.args.length_column_name):
+        for column in (*teacher_only, DISTILLATION_MASK_KEY, PROMPT_LENGTH_KEY, self.args.length_column_name):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
@@ -232,6 +235,9 @@ class DistillationTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples and self._on_policy is not None:  # before the counts: they are those of the new batches
+            batch_samples = self._on_policy(batch_samples, unwrap(self.model), unwrap(self.teacher),
+                                            self.state.global_step, self.accelerator.process_index)
         if batch_samples:
             counts = sum(self._item_counts(b).cpu() for b in batch_samples).to(device)
             if self.accelerator.num_processes > 1:

@@ -112,8 +112,8 @@ def make_projections(student, teacher, layer_map: dict) -> HiddenProjections:
 def attach_projections(student, projections: HiddenProjections) -> None:
     """Make the projections a submodule of the student (`distillation_projections`).
 
-    As a submodule the optimizer holds them, DDP, DeepSpeed and FSDP train and synchronise them like the student's
-    own weights, and checkpoints save them and a resume restores them. `save_pretrained` leaves them out (they are
+    As a submodule the optimizer holds them, DDP and DeepSpeed (tested: 2 CPU processes, ZeRO-3) train and
+    synchronise them like the student's own weights, and checkpoints save them and a resume restores them. `save_pretrained` leaves them out (they are
     listed in the student's `_keys_to_ignore_on_save`), so the exported student is the plain student;
     `saving_projections` keeps them in checkpoints.
     """
@@ -384,8 +384,8 @@ class IntermediateTerms:
                                    "modules were replaced or bypassed after the trainer was built.")
             if training and torch.is_grad_enabled() and not student_qkv["query"].requires_grad:
                 raise RuntimeError("The student's queries/keys/values carry no gradient, so alpha_relation cannot "
-                                   "train it: with gradient checkpointing use gradient_checkpointing_kwargs="
-                                   "{'use_reentrant': False}.")
+                                   "train it: with activation (gradient) checkpointing keep the default "
+                                   "activation_checkpointing_kwargs={'use_reentrant': False}.")
             sums["relation"] = sum(losses.relation_kl(student_qkv[k], teacher_qkv[k], self.relation_heads, mask=tokens,
                                                       reduction="sum")
                                    for k in RELATION_KINDS)

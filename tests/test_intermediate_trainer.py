@@ -193,12 +193,12 @@ def test_gradient_checkpointing_gives_the_same_update_and_reentrant_is_refused(t
     weights = dict(alpha_hidden=1.0, alpha_relation=1.0, relation_heads=4)
     plain = one_step_update(data, collate, 8, 1, tmp_path / "plain", **weights)
     # Layers re-run in backward: the hooks record nothing then, and the recorded tensors keep their graph.
-    checkpointed = one_step_update(data, collate, 8, 1, tmp_path / "gc", gradient_checkpointing=True, **weights)
+    checkpointed = one_step_update(data, collate, 8, 1, tmp_path / "gc", activation_checkpointing=True, **weights)
     for n in plain:
         assert torch.allclose(plain[n], checkpointed[n], rtol=1e-4, atol=1e-7), n
     with pytest.raises(RuntimeError, match="use_reentrant"):
-        one_step_update(data, collate, 8, 1, tmp_path / "reentrant", gradient_checkpointing=True,
-                        gradient_checkpointing_kwargs={"use_reentrant": True}, **weights)
+        one_step_update(data, collate, 8, 1, tmp_path / "reentrant", activation_checkpointing=True,
+                        activation_checkpointing_kwargs={"use_reentrant": True}, **weights)
 
 
 # ---- projections: checkpoints, resume, export ----

@@ -107,3 +107,43 @@ def test_write_refuses_to_overwrite_without_flag(tmp_path):
 def test_bad_info_is_rejected_with_a_clear_message(overrides, match):
     with pytest.raises(ValueError, match=match):
         build_model_card(_info(**overrides))
+
+
+def _scores(with_stsb=True):
+    models = {"teacher": {"sentence_cosine": 1.0, "mlm_loss": 8.5}, "student_init": {"sentence_cosine": 0.81234},
+              "student": {"sentence_cosine": 0.93456, "mlm_loss": 9.25}}
+    if with_stsb:
+        for role, value in (("teacher", 0.8691), ("student_init", 0.7012), ("student", 0.8123)):
+            models[role]["stsb_spearman"] = value
+    return {"models": models, "stsb_source": "glue/STS-B/dev.tsv" if with_stsb else None,
+            "stsb_unavailable": None if with_stsb else "STS-B was unavailable (offline); pass --stsb_file",
+            "stsb_pairs": 1500 if with_stsb else 0, "heldout_sequences": 300,
+            "result_line": "Result: the student keeps 93.5% of the teacher's STS-B score"}
+
+
+def test_card_shows_the_scores_and_lists_stsb_in_the_model_index():
+    card = build_model_card(_info(scores=_scores()))
+    text = card.text
+    assert "## Quality" in text and "**Result: the student keeps 93.5% of the teacher's STS-B score**" in text
+    assert "| distilled student | 81.2 | 0.935 |" in text and "| teacher | 86.9 | 1.000 |" in text
+    assert "1500 dev pairs from glue/STS-B/dev.tsv" in text and "300 sequences" in text
+    meta = _front_matter(str(card))
+    assert meta["distillation"]["scores"]["models"]["student"] == {"sentence_cosine": 0.9346, "mlm_loss": 9.25,
+                                                                    "stsb_spearman": 0.8123}
+    results = meta["model-index"][0]["results"]
+    assert len(results) == 3  # the two given GLUE results, then the student's STS-B score
+    assert results[2]["dataset"]["config"] == "stsb" and results[2]["metrics"][0]["value"] == 0.8123
+
+
+def test_card_says_when_stsb_was_unavailable():
+    card = build_model_card(_info(scores=_scores(with_stsb=False), eval_results=[]))
+    assert "STS-B was unavailable (offline); pass --stsb_file" in card.text
+    meta = _front_matter(str(card))
+    assert "model-index" not in meta
+    assert meta["distillation"]["scores"]["stsb_unavailable"].startswith("STS-B was unavailable")
+    assert "## Quality" not in build_model_card(_info()).text  # no scores, no section
+
+
+def test_scores_without_models_are_rejected():
+    with pytest.raises(ValueError, match="scores must hold a 'models' mapping"):
+        build_model_card(_info(scores={"stsb_source": "x"}))

@@ -130,3 +130,59 @@ def test_gpt2_pipeline_uses_the_causal_loss(tmp_path):
     assert "loss_clm" in log[0] and "loss_mlm" not in log[0]
     config = json.loads((Path(result["student_dir"]) / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["n_layer"] == 2
+
+
+def _stsb_file(path, n=30):
+    """The first `n` pairs of the real GLUE STS-B dev set, in its own layout."""
+    source = tiny.SHARED_DATA / "glue" / "STS-B" / "dev.tsv"
+    lines = source.read_text(encoding="utf-8-sig").splitlines()
+    path.write_text("\n".join(lines[:n + 1]) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_scored_run_puts_the_scores_in_report_card_and_last_line(tmp_path, bert_teacher, capsys):
+    import yaml
+
+    corpus = make_corpus(tmp_path / "corpus.txt", n=80)
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("\n".join(tiny.real_lines(100)[80:]) + "\n")  # lines the corpus does not hold
+    argv = recipe_argv(tmp_path, bert_teacher, corpus, max_steps=2, report="true", score="true",
+                       stsb_file=_stsb_file(tmp_path / "stsb.tsv"), heldout_file=str(heldout))
+    result = main(argv=argv)
+    out = Path(result["output_dir"])
+    scores = json.loads((out / "scores.json").read_text())["scores"]
+    assert set(scores["models"]) == {"teacher", "student_init", "student"}
+    assert scores["stsb_pairs"] == 30 and scores["heldout_sequences"] == 20
+    teacher = scores["models"]["teacher"]
+    assert teacher["sentence_cosine"] == pytest.approx(1.0, abs=1e-5) and teacher["top1_agreement"] == 1.0
+    for figures in scores["models"].values():
+        assert set(figures) == {"stsb_spearman", "token_cosine", "sentence_cosine", "top1_agreement", "mlm_loss",
+                                "mlm_accuracy"}
+
+    printed = capsys.readouterr().out.strip().splitlines()
+    line = printed[-1]
+    assert line.startswith("Result: the student keeps") and "of the teacher's STS-B score" in line
+    assert line == result["result_line"]
+    report = (out / "report.md").read_text()
+    card = (out / "student" / "README.md").read_text()
+    student_stsb = f"{100 * scores['models']['student']['stsb_spearman']:.1f}"
+    for text in (report, card):
+        assert "## Quality" in text and line in text and "30 dev pairs" in text
+        assert f"| distilled student | {student_stsb} |" in text
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["distillation"]["scores"]["models"]["student"]["stsb_spearman"] == pytest.approx(
+        scores["models"]["student"]["stsb_spearman"], abs=1e-4)
+    results = meta["model-index"][0]["results"]
+    assert results[0]["dataset"]["name"] == "GLUE STS-B" and results[0]["metrics"][0]["type"] == "spearmanr"
+
+    # Run again: the scores are reused (same weights, same STS-B and held-out files).
+    main(argv=argv)
+    assert "score: reused" in capsys.readouterr().out
+
+
+def test_score_refuses_the_training_corpus_as_heldout_text(tmp_path, bert_teacher, capsys):
+    corpus = make_corpus(tmp_path / "corpus.txt", n=40)
+    argv = recipe_argv(tmp_path, bert_teacher, corpus, max_steps=1, score="true", heldout_file=corpus)
+    with pytest.raises(SystemExit):
+        main(argv=argv)
+    assert "is the training corpus" in capsys.readouterr().err

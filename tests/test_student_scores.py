@@ -103,10 +103,16 @@ def test_stsb_reader_keeps_quotes_and_names_a_wrong_file(tmp_path):
         ss.read_stsb_tsv(tmp_path / "missing.tsv")
 
 
-def test_stsb_offline_without_a_file_is_reported_not_raised():
-    pairs, source, why = ss.load_stsb(None)  # tests run with HF_DATASETS_OFFLINE=1 and no cached GLUE
+def test_stsb_offline_without_a_file_is_reported_not_raised(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):  # what load_dataset does offline with nothing cached
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    pairs, source, why = ss.load_stsb(None)
     assert pairs is None and source is None
-    assert "STS-B was unavailable" in why and "--stsb_file" in why
+    assert "STS-B was unavailable (Couldn't reach 'nyu-mll/glue'" in why and "--stsb_file" in why
 
 
 def _heldout_setup():

@@ -164,4 +164,7 @@ class CausalLMCollator:
     def __call__(self, features):
         input_ids, attention_mask = pad_batch(features, self.pad_id, self.pad_to_multiple_of)
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if "prompt_length" in features[0]:  # prompts of on-policy distillation (distil_trainer.on_policy)
+            batch["prompt_length"] = torch.tensor([int(f["prompt_length"]) for f in features], dtype=torch.long)
+        return batch

@@ -2,7 +2,8 @@
 beside it in `distil_trainer`). The pipeline every recipe runs:
 
     binarize -> load teacher -> token counts -> fit its MLM head (teachers shipped without one) -> extract the
-    student -> distil (resumable) -> save student + tokenizer -> model card -> report -> push to the Hub
+    student -> distil (resumable) -> save student + tokenizer -> score (--score) -> model card -> report -> push
+    to the Hub
 
 Each stage (`stage.Stage`, listed in `runner.STAGES`) names the run fields it reads and writes, the key of its
 cached output and its skip-if-done rule; it is skipped when its output exists, prints a one-line summary, and runs
@@ -11,15 +12,17 @@ and reuse it).
 
 Modules: runner (the stage list and loop, `main`), stage, data_stages, model_stages, training_stages,
 output_stages, layout (output names), recipe_args (YAML + command line), model_card, report, hub, teacher_head,
-demo_inputs.
+student_scores (what --score measures), score_text (its one-line result and tables), demo_inputs.
 
 Layout of `output_dir`:
     data/binarized-<key>/     tokenized corpus (Arrow) and token_counts.npy (unless data_cache_dir is set)
-    teacher_mlm_head/         the teacher with a fitted MLM head (only for teachers shipped without one)
+    teacher_mlm_head/         the teacher with a fitted MLM head (only for teachers shipped without one) and
+                              fit_log.json (its masked-token loss and accuracy, train and held out)
     student_init/             the student as extracted from the teacher, before distillation (with
                               --student_init random: the same architecture with fresh random weights)
     checkpoint-<step>/        Trainer checkpoints (optimizer, scheduler, RNG, data position): re-running resumes
     student/                  the distilled student, its tokenizer and model card (README.md): what is pushed
+    scores.json               with --score: teacher / initial / distilled student scores and their cache key
     report.md, loss_curve.png with --report
 """
 

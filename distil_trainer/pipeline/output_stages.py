@@ -114,7 +114,7 @@ class ModelCard(Stage):
 
     def run(self, ctx):
         from .model_card import write_model_card
-        from .student_scores import result_line
+        from .score_text import result_line
 
         ctx.speed = _speed(ctx.teacher, ctx.final_student, ctx.train_dataset, ctx.collator)
         ctx.card_info = info = _card_info(ctx, ctx.teacher, ctx.final_student, ctx.layer_map, ctx.log_history,
