@@ -271,7 +271,9 @@ class IntermediateTerms:
         self._projecting, self._student_layers = False, s_layers
         if self.hidden and hidden_size(student) != hidden_size(teacher):
             dtype = next(unwrap(student).parameters()).dtype
-            self.projections = make_projections(student, teacher, self.layer_map).to(dtype=dtype)
+            with torch.random.fork_rng(devices=[]):  # initialised from args.seed, the caller's RNG left alone
+                torch.manual_seed(args.seed)
+                self.projections = make_projections(student, teacher, self.layer_map).to(dtype=dtype)
         if self.attn:
             self._setup_attention(student, teacher)
         self.student_qkv = self.teacher_qkv = None

@@ -249,6 +249,19 @@ def test_projections_are_checkpointed_restored_on_resume_and_left_out_of_the_exp
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+def test_projections_start_from_the_run_seed(tmp_path):
+    """Not from whatever state torch's global RNG is in when the trainer is built."""
+    teacher = teacher_bert()
+    torch.manual_seed(1)
+    a = make_trainer(narrow_student(), teacher, tmp_path, alpha_hidden=1.0, seed=7)
+    torch.manual_seed(2)
+    b = make_trainer(narrow_student(), teacher, tmp_path, alpha_hidden=1.0, seed=7)
+    c = make_trainer(narrow_student(), teacher, tmp_path, alpha_hidden=1.0, seed=8)
+    pa, pb, pc = (t.model.distillation_projections.state_dict() for t in (a, b, c))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert not torch.equal(pa["maps.1.weight"], pc["maps.1.weight"])
+
+
 # ---- set-up checks and eager attention ----
 
 def test_attention_term_switches_both_models_to_eager_once_with_a_warning(tmp_path, caplog):
