@@ -39,8 +39,9 @@ def _prompts(batch):
     """Left-padded prompts [B, P] and their attention mask, from the batch's right-padded sequences."""
     if batch.get(PROMPT_LENGTH_KEY) is None:
         raise ValueError("On-policy or sequence-level distillation (lmbda > 0 or seq_kd) needs a "
-                         f"'{PROMPT_LENGTH_KEY}' column (the number of leading prompt tokens of each sequence) in the batch; add it to the "
-                         "dataset and keep it (CausalLMCollator passes it through), or set lmbda=0 and seq_kd=False.")
+                         f"'{PROMPT_LENGTH_KEY}' column (the number of leading prompt tokens of each sequence) in the "
+                         "batch; add it to the dataset and keep it (CausalLMCollator passes it through), or set "
+                         "lmbda=0 and seq_kd=False.")
     ids, attention = batch["input_ids"], batch["attention_mask"]
     lengths = batch[PROMPT_LENGTH_KEY].reshape(-1).long().tolist()
     real = attention.sum(1).tolist()

@@ -133,8 +133,9 @@ def run(out, max_steps):
     texts = [[5, 70, 200, 3, 99, 41, 7], [260, 8, 41, 17, 30], [11, 12, 13, 14, 15, 16], [9, 8, 7, 6]] * 4
     data = Dataset.from_list([{"input_ids": t, "attention_mask": [1] * len(t), "prompt_length": 2 + i % 3}
                               for i, t in enumerate(texts)])
-    args = DistillationArguments(output_dir=str(out), report_to=[], use_cpu=True, **{**ALL_ZERO, "alpha_ce": 1.0,
-                                                                                   "alpha_clm": 1.0}, lmbda=0.5, generation_temperature=1.0, max_new_tokens=4,
+    weights = {**ALL_ZERO, "alpha_ce": 1.0, "alpha_clm": 1.0}
+    args = DistillationArguments(output_dir=str(out), report_to=[], use_cpu=True, **weights, lmbda=0.5,
+                                 generation_temperature=1.0, max_new_tokens=4,
                                  max_steps=max_steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                                  learning_rate=1e-2, lr_scheduler_type="constant", save_steps=2, logging_steps=1,
                                  seed=3, disable_tqdm=True)
