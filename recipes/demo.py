@@ -1,4 +1,4 @@
-"""The embedded demo: a real distillation on 2 CPU cores in under 10 minutes, with no Hub access, that says how
+"""The embedded demo: a real distillation on 2 CPU cores (estimated 8-9 minutes idle), with no Hub access, that says how
 good its student is.
 
     accelerate launch --config_file accelerate_configs/cpu_single.yaml recipes/demo.py [--stsb_file STS-B/dev.tsv]
