@@ -2,8 +2,6 @@
 or an earlier stage), and the runner numbers headers, applies skip-if-done, keeps main-only stages off the other
 ranks, and names a stage that reads what nothing set."""
 
-import contextlib
-
 import pytest
 
 from distil_trainer.pipeline import STAGES, run_stages
@@ -28,13 +26,12 @@ def test_stage_order_is_the_documented_one():
 
 
 class _State:
+    """The global main process of a single-process run (each_node_first reads these two flags)."""
+
+    is_main_process = is_local_main_process = True
+
     def __init__(self):
         self.calls = []
-
-    @contextlib.contextmanager
-    def main_process_first(self):
-        self.calls.append("main_process_first")
-        yield
 
     def wait_for_everyone(self):
         self.calls.append("wait")
@@ -78,7 +75,9 @@ def test_runner_numbers_enabled_stages_and_applies_skip_rules(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines()]
     assert [line for line in lines if line.startswith("==>")] == ["==> [1/3] a", "==> [2/3] b", "==> [3/3] card"]
     assert lines[1].startswith("    a: reused (") and lines[3].startswith("    b: built (")
-    assert ctx.state.calls == ["main_process_first", "wait"]
+    # Rank 0 builds first, then releases the two later waves (other nodes' first ranks, then the rest);
+    # the runner's own barrier follows.
+    assert ctx.state.calls == ["wait", "wait", "wait"]
 
 
 def test_other_ranks_skip_main_only_stages_and_print_nothing(capsys):
