@@ -103,8 +103,8 @@ def fitted_teacher(out, dataset, collator, config):
     teacher = BertForMaskedLM.from_pretrained(demo_teacher_dir()).eval()
     steps = config["fit_teacher_mlm_head_steps"]
     identity = {"teacher": "all-MiniLM-L6-v2", "steps": steps, "sequences": len(dataset),
-                "max_length": config["max_length"]}
-    teacher, _ = fit_mlm_head(teacher, dataset, collator, out / "teacher", steps, identity, batch_size=16,
+                "max_length": config["max_length"], "fit": "fit_mlm_head defaults (the demo's)"}
+    teacher, _ = fit_mlm_head(teacher, dataset, collator, out / "teacher", steps, identity,
                               seed=config["training"]["seed"])
     return teacher
 
@@ -200,7 +200,7 @@ def score_all(teacher, init_dir, students, tokenizer, collator, heldout_file, co
     return scores, notes
 
 
-def render(scores, notes, timings, histories, config):
+def render(scores, notes, timings, histories, config, fit):
     columns = [("stsb_spearman", "STS-B Spearman (x100)", lambda v: f"{100 * v:.1f}"),
                ("top1_agreement", "MLM top-1 agreement", lambda v: f"{v:.1%}"),
                ("mlm_loss", "masked-token loss", lambda v: f"{v:.3f}"),
@@ -210,11 +210,13 @@ def render(scores, notes, timings, histories, config):
     for key, s in scores.items():
         lines.append(f"| {LABELS[key]} | " + " | ".join(fmt(s[k]) if k in s else "" for k, _, fmt in present) + " |")
     t = config["training"]
+    fit_note = (f"best held-out masked-token loss {fit['heldout_loss']:.2f} at update {fit['best_step']} of at most "
+                f"{config['fit_teacher_mlm_head_steps']}; uniform guess {fit['uniform_loss']:.2f}")
     text = ["## Intermediate-layer terms on a narrower student", "", *lines, "",
             f"Same {t['max_steps']} steps x {t['per_device_train_batch_size']} sequences of at most "
             f"{config['max_length']} tokens, data order, masking and seed for both variants; student 4 layers x "
-            "312 (12 heads, FFN 1200), random initialisation; teacher all-MiniLM-L6-v2 with its MLM head fitted "
-            f"({config['fit_teacher_mlm_head_steps']} steps, body frozen). Intermediate weights: "
+            "312 (12 heads, FFN 1200), random initialisation; teacher all-MiniLM-L6-v2 with its MLM head fitted, "
+            f"body frozen ({fit_note}). Intermediate weights: "
             + ", ".join(f"{k}={v}" for k, v in config["intermediate"].items() if v is not None) + "."]
     if notes.get("stsb_source"):
         text.append(f"STS-B: {notes['stsb_pairs']} dev pairs ({notes['stsb_source']}).")
@@ -249,7 +251,8 @@ def main(argv=None):
             out, name, teacher, init_dir, dataset, collator_for(tokenizer, counts, config, seed), tokenizer, config)
     scores, notes = score_all(teacher, init_dir, students, tokenizer, collator_for(tokenizer, counts, config, seed),
                               heldout_file, config, args.stsb_file)
-    markdown = render(scores, notes, timings, histories, config)
+    fit = json.loads((out / "teacher" / "fit_log.json").read_text())["summary"]
+    markdown = render(scores, notes, timings, histories, config, fit)
     (out / "results.md").write_text(markdown, encoding="utf-8")
     (out / "results.json").write_text(json.dumps({"scores": scores, "seconds": timings, "config": config},
                                                  indent=2), encoding="utf-8")
