@@ -46,17 +46,21 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="runs/bench_intermediate")
     p.add_argument("--config", default=str(CONFIG))
     p.add_argument("--steps", type=int, default=None, help="Distillation steps per variant (default: the config's).")
+    p.add_argument("--seed", type=int, default=None, help="Seed of the student's initialisation, data order, masking "
+                                                          "and head fit (default: the config's).")
     p.add_argument("--stsb_file", default=str(STSB_DEV) if STSB_DEV.is_file() else None)
     p.add_argument("--smoke", action="store_true", help="Tiny sizes: 2 steps, 64 sequences of 32 tokens.")
     return p.parse_args(argv)
 
 
-def load_config(path, smoke, steps):
+def load_config(path, smoke, steps, seed):
     import yaml
 
     config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     if steps is not None:
         config["training"]["max_steps"] = steps
+    if seed is not None:
+        config["training"]["seed"] = seed
     if smoke:
         config.update(max_train_samples=64, max_length=32, heldout_lines=16, fit_teacher_mlm_head_steps=2)
         config["training"].update(max_steps=2, per_device_train_batch_size=4, logging_steps=1)
@@ -239,7 +243,7 @@ def main(argv=None):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    config = load_config(args.config, args.smoke, args.steps)
+    config = load_config(args.config, args.smoke, args.steps, args.seed)
     seed = config["training"]["seed"]
     dataset, heldout_file, tokenizer, counts = prepare_data(out, config)
     teacher = fitted_teacher(out, dataset, collator_for(tokenizer, counts, config, seed), config)

@@ -113,9 +113,9 @@ def attach_projections(student, projections: HiddenProjections) -> None:
     """Make the projections a submodule of the student (`distillation_projections`).
 
     As a submodule the optimizer holds them, DDP and DeepSpeed (tested: 2 CPU processes, ZeRO-3) train and
-    synchronise them like the student's own weights, and checkpoints save them and a resume restores them. `save_pretrained` leaves them out (they are
-    listed in the student's `_keys_to_ignore_on_save`), so the exported student is the plain student;
-    `saving_projections` keeps them in checkpoints.
+    synchronise them like the student's own weights, and checkpoints save them and a resume restores them.
+    `save_pretrained` leaves them out (they are listed in the student's `_keys_to_ignore_on_save`), so the exported
+    student is the plain student; `saving_projections` keeps them in checkpoints.
     """
     inner = unwrap(student)
     inner.add_module(PROJECTIONS_NAME, projections)
