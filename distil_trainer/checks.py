@@ -22,16 +22,7 @@ def check_student_teacher(student, teacher, args, tokenizer=None, teacher_tokeni
     weights = args.loss_weights
     s_head, t_head = head_kind(student), head_kind(teacher)
 
-    if "mlm" in weights and s_head != MASKED_LM:
-        raise ValueError(f"alpha_mlm={args.alpha_mlm} needs a masked-LM student, but the student is {_name(student)}; "
-                         "set alpha_mlm=0 or use an *ForMaskedLM student.")
-    if "clm" in weights and s_head != CAUSAL_LM:
-        raise ValueError(f"alpha_clm={args.alpha_clm} needs a causal-LM student, but the student is {_name(student)}; "
-                         "set alpha_clm=0 or use an *ForCausalLM / *LMHeadModel student.")
-    if "task" in weights and s_head not in TASK_HEADS:
-        raise ValueError(f"alpha_task={args.alpha_task} needs a task head (classification, QA, token tagging), but the "
-                         f"student is {_name(student)}; set alpha_task=0.")
-
+    check_student_terms(student, args)
     shared_vocab = shared_vocab_size(student, teacher, tokenizer, teacher_tokenizer)
 
     logit_terms = [f"alpha_{k}={weights[k]}" for k in ("ce", "mse") if k in weights]
@@ -63,6 +54,21 @@ def check_student_teacher(student, teacher, args, tokenizer=None, teacher_tokeni
                 f"student's is {s_width}. Set alpha_cos=0, or give the student the teacher's width."
             )
     return shared_vocab
+
+
+def check_student_terms(student, args):
+    """Raise ValueError when a weighted term needs another kind of student head (alpha_mlm, alpha_clm, alpha_task)."""
+    weights = args.loss_weights
+    s_head = head_kind(student)
+    if "mlm" in weights and s_head != MASKED_LM:
+        raise ValueError(f"alpha_mlm={args.alpha_mlm} needs a masked-LM student, but the student is {_name(student)}; "
+                         "set alpha_mlm=0 or use an *ForMaskedLM student.")
+    if "clm" in weights and s_head != CAUSAL_LM:
+        raise ValueError(f"alpha_clm={args.alpha_clm} needs a causal-LM student, but the student is {_name(student)}; "
+                         "set alpha_clm=0 or use an *ForCausalLM / *LMHeadModel student.")
+    if "task" in weights and s_head not in TASK_HEADS:
+        raise ValueError(f"alpha_task={args.alpha_task} needs a task head (classification, QA, token tagging), but the "
+                         f"student is {_name(student)}; set alpha_task=0.")
 
 
 def _tokenizer_name(tokenizer):

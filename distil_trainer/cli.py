@@ -13,6 +13,8 @@ COMMANDS = {
     "binarize": ("distil_trainer.commands.binarize", "Tokenize a text corpus into a cached Arrow dataset."),
     "token-counts": ("distil_trainer.commands.token_counts", "Count token frequencies of a binarized dataset."),
     "extract": ("distil_trainer.commands.extract", "Initialise a student from selected teacher layers."),
+    "cache-teacher": ("distil_trainer.commands.cache_teacher",
+                      "Run a teacher once over a binarized dataset and cache its outputs for training."),
 }
 
 

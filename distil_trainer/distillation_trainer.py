@@ -17,11 +17,13 @@ from transformers import Trainer
 from . import losses
 from .atomic import write_text_atomic
 from .callbacks import CollatorEpochCallback, NonFiniteLossGuard, nonfinite_parameters
-from .checks import check_chunked_head, check_output_dir, check_student_teacher
+from .checks import check_chunked_head, check_output_dir, check_student_teacher, check_student_terms
 from .distillation_config import DistillationArguments
 from .intermediate import IntermediateTerms, saving_projections
 from .on_policy import PROMPT_LENGTH_KEY, make_on_policy
 from .run_lock import output_dir_lock
+from .teacher_cache.collator import CACHED_MASK_KEY
+from .teacher_cache.training import CacheTraining
 from .model_utils import (CAUSAL_LM, LM_HEADS, QUESTION_ANSWERING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION,
                           forward_arguments, freeze_position_embeddings, freeze_teacher, freeze_token_type_embeddings,
                           head_kind, load_teacher, prepare_teacher_for_deepspeed, unwrap, uses_token_type_ids)
@@ -49,20 +51,29 @@ class DistillationTrainer(Trainer):
         teacher_processing_class: the teacher's tokenizer, needed only when the two vocabularies have different
             sizes (compared over their shared range if it is the tokenizer of the data); loaded from the teacher's
             name when the teacher is given as one.
+        teacher_cache: in place of `teacher_model`, a teacher-output cache (`TeacherCache` or its directory, see
+            `teacher_cache/`): no teacher is loaded, its outputs are read from the cache's rows. `train_dataset`
+            defaults to the cache's rows and `data_collator` to `CachedTeacherCollator`.
         Other arguments are those of `transformers.Trainer`.
     """
 
     # compute_loss divides each term by its item count over the whole optimizer step (see get_batch_samples).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model=None, teacher_model=None, args=None, teacher_processing_class=None, **kwargs):
+    def __init__(self, model=None, teacher_model=None, args=None, teacher_processing_class=None, teacher_cache=None,
+                 **kwargs):
         if not isinstance(args, DistillationArguments):
             raise TypeError(f"args must be DistillationArguments, got {type(args).__name__}.")
         if model is None:
             raise ValueError("DistillationTrainer needs the student as model=.")
-        if teacher_model is None:
-            raise ValueError("DistillationTrainer needs teacher_model= (a model, a Hub name or a local path).")
         self._student_head = head_kind(model)
+        self._cache = None
+        if teacher_cache is not None:
+            self._init_from_cache(model, teacher_model, teacher_cache, args, kwargs)
+            return
+        if teacher_model is None:
+            raise ValueError("DistillationTrainer needs teacher_model= (a model, a Hub name or a local path) or "
+                             "teacher_cache= (a teacher-output cache).")
         if isinstance(teacher_model, (str, os.PathLike)):
             # Its tokenizer is loaded from the same place only if the vocabulary sizes differ (shared_vocab_size).
             teacher_processing_class = teacher_processing_class or str(teacher_model)
@@ -93,6 +104,7 @@ class DistillationTrainer(Trainer):
             SEQUENCE_CLASSIFICATION, QUESTION_ANSWERING)
 
         super().__init__(model=model, args=args, **kwargs)
+        self._init_common()
 
         if args.logits_chunk_size is not None and (self.is_fsdp_enabled or (
                 self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)):
@@ -107,13 +119,41 @@ class DistillationTrainer(Trainer):
         elif not getattr(self.teacher, "hf_device_map", None):  # a teacher dispatched over devices stays put
             # Not wrapped in DDP/FSDP: it has no gradients to synchronise, each rank runs its own replica.
             self.teacher.to(self.args.device)
+    def _init_from_cache(self, model, teacher_model, teacher_cache, args, kwargs):
+        """No teacher: its outputs come from a teacher-output cache, checked here before any compute."""
+        if teacher_model is not None:
+            raise ValueError("Give teacher_model= or teacher_cache=, not both: a cached run loads no teacher.")
+        check_student_terms(model, args)
+        tokenizer = kwargs.get("processing_class")
+        self._cache = CacheTraining(teacher_cache, model, args, tokenizer)
+        self._shared_vocab = self._cache.shared_vocab
+        self._intermediate = IntermediateTerms(model, model, args)  # its terms are refused from a cache: all off
+        self._on_policy = None
+        for flag, freeze in ((args.freeze_pos_embs, freeze_position_embeddings),
+                             (args.freeze_token_type_embds, freeze_token_type_embeddings)):
+            if flag:
+                logger.info("Frozen: %s", freeze(model))
+        self._student_inputs, self._teacher_inputs = forward_arguments(model), set()
+        self._warn_missing_segments = False
+        if kwargs.get("train_dataset") is None:
+            kwargs["train_dataset"] = self._cache.train_dataset()
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = self._cache.collator(tokenizer)
+        super().__init__(model=model, args=args, **kwargs)
+        self.teacher = None
+        epoch_callback = self._cache.epoch_callback(self.train_dataset)
+        if epoch_callback is not None:
+            self.add_callback(epoch_callback)
+        self._init_common()
+
+    def _init_common(self):
         if hasattr(self.data_collator, "set_epoch"):
             self.add_callback(CollatorEpochCallback(self.data_collator))
         self.terms = TERMS
         self._nonfinite_flags = torch.zeros(len(TERMS), device=self.args.device)
         self.nonfinite_steps, self.nonfinite_terms, self.stopped_on_nonfinite = 0, {}, False
         self.add_callback(NonFiniteLossGuard(self))
-        self._weights = args.loss_weights
+        self._weights = self.args.loss_weights
         self._step_counts = None  # item counts per term over the current optimizer step, all ranks
         self._staging_checkpoint = False
         self._log_sums = defaultdict(float)
@@ -127,9 +167,20 @@ class DistillationTrainer(Trainer):
         # distillation mask, and the stored lengths that group_by_length sampling reads (otherwise transformers
         # drops the column and re-measures every example). The student's forward filters them out again.
         teacher_only = sorted(self._teacher_inputs - set(self._signature_columns))
-        for column in (*teacher_only, DISTILLATION_MASK_KEY, PROMPT_LENGTH_KEY, self.args.length_column_name):
+        cached = self._cache.columns() if self._cache is not None else []
+        for column in (*teacher_only, *cached, DISTILLATION_MASK_KEY, PROMPT_LENGTH_KEY, self.args.length_column_name):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)  # a teacher cache's rows: read from its Arrow offsets
+        if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=lengths)
+        return super()._get_train_sampler(train_dataset)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Without targets Trainer calls model(**inputs) itself, bypassing compute_loss: give the student only the
@@ -212,6 +263,8 @@ class DistillationTrainer(Trainer):
             logits_mask = logits_mask & inputs[DISTILLATION_MASK_KEY].bool()
         if self.args.restrict_ce_to_mask and self._student_head in LM_HEADS:
             logits_mask = logits_mask & (inputs["labels"] != -100)
+        if inputs.get(CACHED_MASK_KEY) is not None:  # an LM teacher cache: the positions it holds logits for
+            logits_mask = logits_mask & inputs[CACHED_MASK_KEY]
         return {"tokens": tokens, "logits": logits_mask}
 
     def _item_counts(self, inputs):
@@ -283,7 +336,9 @@ class DistillationTrainer(Trainer):
         if chunked:
             sums, agreement = self._chunked_head_sums(inputs, student_out, teacher_out)
         elif teacher_out is not None and ("ce" in w or "mse" in w):
-            if head == QUESTION_ANSWERING:
+            if getattr(teacher_out, "topk_ids", None) is not None:  # an LM teacher cache's top-k (only L_ce)
+                sums, agreement = self._cache.topk_sums(student_out.logits, teacher_out, T, masks["logits"])
+            elif head == QUESTION_ANSWERING:
                 mask = masks["logits"]
                 if "ce" in w:
                     sums["ce"] = losses.span_soft_target_kl(
@@ -366,7 +421,9 @@ class DistillationTrainer(Trainer):
         with self._intermediate.recording("student") as student_qkv:
             student_out = self._forward(model, inputs, student_keep, need_hidden, chunked)
         teacher_out = teacher_qkv = None
-        if any(t in w for t in _TEACHER_TERMS):
+        if self._cache is not None:
+            teacher_out = self._cache.teacher_output(inputs)
+        elif any(t in w for t in _TEACHER_TERMS):
             self._check_segments(inputs)
             with torch.no_grad(), self.accelerator.autocast(), self._intermediate.recording("teacher") as teacher_qkv:
                 teacher_out = self._forward(self.teacher, inputs, self._teacher_inputs - set(TARGET_KEYS),

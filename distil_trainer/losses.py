@@ -55,6 +55,34 @@ def _kl_rows(s, t):
     return (torch.xlogy(p, p) - cross).sum(-1)
 
 
+def topk_soft_target_kl(student_logits, topk_ids, topk_logits, temperature, mask=None, reduction="mean"):
+    """L_ce from a teacher's stored top-k logits: KL(p~ || q) * T^2 over the k stored tokens, per selected row.
+
+    p~ = softmax(topk_logits / T) renormalised over the k stored tokens; q = softmax(student_logits / T) over the
+    student's whole last dimension, read at `topk_ids`. So sum_k p~ (log p~ - log q) * T^2, in the xlogy form of
+    `soft_target_kl`. With k = the whole vocabulary it is `soft_target_kl`. The mass the teacher puts outside its
+    top k is left out rather than kept as one remainder bucket: at T != 1 that bucket's mass needs logsumexp(z/T)
+    over all logits, which the stored logsumexp of z (T = 1) cannot give.
+
+    `student_logits`: [..., V]; `topk_ids` (long) / `topk_logits`: [..., k]; `mask`: [...] selecting rows.
+    """
+    s = _fp32(_select(student_logits, mask)) / temperature
+    ids = _select(topk_ids, mask).long()
+    t = _fp32(_select(topk_logits, mask)) / temperature
+    p = F.softmax(t, dim=-1)
+    log_q = F.log_softmax(s, dim=-1).gather(-1, ids)
+    cross = (p * log_q).masked_fill(p == 0, 0.0)
+    return _reduce((torch.xlogy(p, p) - cross).sum(-1) * temperature**2, reduction)
+
+
+def topk_agreement(student_logits, topk_ids, mask=None):
+    """(number of selected rows where the student's arg-max is the teacher's top-1 stored token, number of rows)."""
+    agree = student_logits.argmax(-1) == topk_ids[..., 0]
+    if mask is not None:
+        agree = agree[mask.bool()]
+    return agree.sum(), agree.numel()
+
+
 def span_soft_target_kl(student_start, student_end, teacher_start, teacher_end, temperature, mask=None,
                         reduction="mean", divergence="forward_kl", jsd_beta=0.5):
     """L_ce for extractive QA: per example, the mean of the start and end KL over sequence positions.

@@ -95,6 +95,8 @@ def test_extract_cli_builds_a_llama_student(gguf_files, tied, tmp_path):
     student = AutoModelForCausalLM.from_pretrained(out)
     assert type(student).__name__ == "LlamaForCausalLM" and student.config.num_hidden_layers == 2
     assert student.config.tie_word_embeddings is tied
+    # De-quantized weights: the saved student is a plain float model that Trainer can fine-tune.
+    assert getattr(student.config, "quantization_config", None) is None and not getattr(student, "is_quantized", False)
     theirs, ours = written.state_dict(), student.state_dict()
     for new, old in ((0, 0), (1, 3)):
         for key in [k for k in theirs if k.startswith(f"model.layers.{old}.")]:

@@ -106,5 +106,8 @@ def shallow_config(teacher_config, layers, overrides=None):
             )
     values.pop(CONFIG_KEY, None)  # a teacher that is itself an extracted student: its record is not ours
     values["_name_or_path"] = ""
+    # The student is built unquantized from this config; a teacher's quantization record (GGUF de-quantized on
+    # loading, bitsandbytes...) would make the saved student load as "quantized", which Trainer refuses to train.
+    values.pop("quantization_config", None)
     values.update(overrides or {})
     return type(teacher_config).from_dict(values)
