@@ -119,6 +119,7 @@ class DistillationTrainer(Trainer):
         elif not getattr(self.teacher, "hf_device_map", None):  # a teacher dispatched over devices stays put
             # Not wrapped in DDP/FSDP: it has no gradients to synchronise, each rank runs its own replica.
             self.teacher.to(self.args.device)
+
     def _init_from_cache(self, model, teacher_model, teacher_cache, args, kwargs):
         """No teacher: its outputs come from a teacher-output cache, checked here before any compute."""
         if teacher_model is not None:

@@ -279,11 +279,27 @@ def build_teacher_cache(teacher, dataset, output_dir, tokenizer, *, head=None, t
 
     build_dir = partial_dir(output_dir)
     progress = _resume_progress(build_dir, identity, plan)
+    _compute_missing_shards(teacher, dataset, tokenizer, plan, progress, build_dir, device, verbose)
+    manifest = {"format": FORMAT, "identity": identity,
+                "epochs": [{"shards": [{k: s[k] for k in ("path", "rows", "files")} for s in epoch]}
+                           for epoch in progress["epochs"]],
+                "stats": _stats(progress, len(dataset))}
+    cache.write_json_atomic(build_dir / MANIFEST_FILE, manifest)  # last: its presence = the cache is complete
+    os.remove(build_dir / PROGRESS_FILE)
+    cache.publish_dir(build_dir, output_dir)
+    result = TeacherCache(output_dir, manifest)
+    if verbose:
+        print(format_summary(result, cache_hit=False, seconds=time.perf_counter() - start_time))
+    return result
+
+
+def _compute_missing_shards(teacher, dataset, tokenizer, plan, progress, build_dir, device, verbose):
+    """Run the teacher over every shard `progress` does not list yet, recording each one as soon as it is on disk."""
+    from tqdm.auto import tqdm
+
     n_rows = len(dataset)
     starts = list(range(0, n_rows, plan.shard_rows))
     done_rows = sum(s["rows"] for epoch in progress["epochs"] for s in epoch)
-    from tqdm.auto import tqdm
-
     epoch_before = getattr(plan.collator, "epoch", 0)
     with _teacher_ready(teacher, device) as dev, \
             tqdm(total=n_rows * plan.epochs, initial=done_rows, desc="Caching teacher outputs", unit=" rows",
@@ -304,18 +320,6 @@ def build_teacher_cache(teacher, dataset, output_dir, tokenizer, *, head=None, t
         finally:
             if plan.collator is not None:
                 plan.collator.set_epoch(epoch_before)
-
-    manifest = {"format": FORMAT, "identity": identity,
-                "epochs": [{"shards": [{k: s[k] for k in ("path", "rows", "files")} for s in epoch]}
-                           for epoch in progress["epochs"]],
-                "stats": _stats(progress, n_rows)}
-    cache.write_json_atomic(build_dir / MANIFEST_FILE, manifest)  # last: its presence = the cache is complete
-    os.remove(build_dir / PROGRESS_FILE)
-    cache.publish_dir(build_dir, output_dir)
-    result = TeacherCache(output_dir, manifest)
-    if verbose:
-        print(format_summary(result, cache_hit=False, seconds=time.perf_counter() - start_time))
-    return result
 
 
 def format_summary(teacher_cache, cache_hit, seconds=None):
