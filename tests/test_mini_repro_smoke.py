@@ -1,5 +1,6 @@
-"""benchmarks/mini_repro.py --smoke end to end: five distilled variants sharing one fitted teacher head, GLUE
-fine-tuning of the teacher and every student, and the two tables with the expected rows."""
+"""benchmarks/mini_repro.py --smoke end to end with two seeds: five distilled variants per seed sharing one fitted
+teacher head and one teacher-output cache per seed, GLUE fine-tuning of the teacher and every student per seed, and
+the two tables with mean ± std and range over the seeds."""
 
 import importlib.util
 import json
@@ -24,50 +25,90 @@ pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 
 @pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").is_file(), reason=f"GLUE SST-2 TSVs not found in {GLUE}")
-def test_smoke_run_writes_both_tables(tmp_path, capsys):
+def test_smoke_run_with_two_seeds_shares_the_teacher_and_aggregates(tmp_path, capsys):
     mini_repro = load_script()
     out = tmp_path / "mini"
-    result = mini_repro.main(["--smoke", "--output_dir", str(out), "--glue_dir", str(GLUE)])
+    seeds = (56, 57)
+    result = mini_repro.main(["--smoke", "--output_dir", str(out), "--glue_dir", str(GLUE), "--seeds", "56,57"])
+    printed = capsys.readouterr().out
 
     markdown = (out / "tables.md").read_text()
-    assert markdown == result["markdown"] and markdown in capsys.readouterr().out
+    assert markdown == result["markdown"] and markdown in printed
     glue_part, ablation_part = markdown.split("## Ablation")
     lines = [line for line in glue_part.splitlines() if line.startswith("| ")]
-    assert lines[0] == "| Model | Score | SST-2 (acc) | % of teacher |"
-    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[1:]}
+    assert lines[0] == "| Model | Score (mean ± std) | Score range | SST-2 (acc) | % of teacher |"
+    rows = {line.split(" | ")[0][2:]: line[:-2].split(" | ")[1:] for line in lines[1:]}
     expected = [mini_repro.TEACHER_LABEL] + [label for _, label, *_ in mini_repro.VARIANTS]
     assert list(rows) == expected
-    assert rows[mini_repro.TEACHER_LABEL][-1] == "100.0 |"
 
-    # Each cell is that model's SST-2 dev accuracy from its results file; % of teacher is their ratio.
-    def accuracy(key):
-        results = json.loads((out / "glue" / key / "sst2" / "results_glue_sst2.json").read_text())
+    # Each model's SST-2 dev accuracy per seed, from its results file; the cells are their mean, sample standard
+    # deviation and range, computed here by hand.
+    def accuracy(key, seed):
+        results = json.loads((out / "glue" / f"seed-{seed}" / key / "sst2" / "results_glue_sst2.json").read_text())
         assert results["num_train_examples"] == 16 and results["num_eval_examples"] == {"dev": 32}
+        assert results["seeds"] == [seed]
         return 100.0 * results["median"]["accuracy"]
 
-    teacher = accuracy("teacher")
-    for (key, label, *_), in zip(mini_repro.VARIANTS):
-        score, task_cell, percent = rows[label]
-        assert float(score) == pytest.approx(accuracy(key), abs=0.051) == float(task_cell)
-        assert float(percent.rstrip(" |")) == pytest.approx(100.0 * accuracy(key) / teacher, abs=0.051)
+    def mean_std(a, b):
+        mean = (a + b) / 2
+        return mean, (((a - mean) ** 2 + (b - mean) ** 2) / (2 - 1)) ** 0.5
 
+    teacher_mean, _ = mean_std(*(accuracy("teacher", s) for s in seeds))
+    for key, label in [("teacher", mini_repro.TEACHER_LABEL)] + [(k, label) for k, label, *_ in mini_repro.VARIANTS]:
+        a, b = (accuracy(key, s) for s in seeds)
+        mean, std = mean_std(a, b)
+        score, extent, task, percent = rows[label]
+        got_mean, got_std = (float(x) for x in score.split(" ± "))
+        assert (got_mean, got_std) == (pytest.approx(mean, abs=0.051), pytest.approx(std, abs=0.051))
+        assert [float(x) for x in extent.split(" to ")] == pytest.approx([min(a, b), max(a, b)], abs=0.051)
+        assert float(task) == pytest.approx(mean, abs=0.051)
+        assert float(percent) == pytest.approx(100.0 * mean / teacher_mean, abs=0.051)
+
+    # Ablation: the variant minus the triple-loss student of the same seed, mean ± std over the seeds.
     ablation = [line for line in ablation_part.splitlines() if line.startswith("| ")][1:]
     assert len(ablation) == 4
-    triple = accuracy("triple")
     for line, key in zip(ablation, ("no_ce", "no_cos", "no_mlm", "random_init")):
-        change = float(line.split(" | ")[1])
-        assert change == pytest.approx(accuracy(key) - triple, abs=0.006)
+        diffs = [accuracy(key, s) - accuracy("triple", s) for s in seeds]
+        mean, std = mean_std(*diffs)
+        cell = line.split(" | ")[1]
+        got_mean, got_std = (float(x) for x in cell.split(" ± "))
+        assert (got_mean, got_std) == (pytest.approx(mean, abs=0.006), pytest.approx(std, abs=0.006))
 
-    # One teacher head, fitted once and loaded by the other variants; the random-init student really is random.
-    assert (out / "distil" / "triple" / "teacher_mlm_head" / "fitted_mlm_head.json").exists()
-    for key in ("no_ce", "no_cos", "no_mlm", "random_init"):
-        assert not (out / "distil" / key / "teacher_mlm_head").exists()
-        config = json.loads((out / "distil" / key / "student" / "config.json").read_text())
-        assert config["distillation"]["teacher"].endswith("teacher_mlm_head")
-    assert json.loads((out / "distil" / "random_init" / "student_init" / "config.json").read_text())[
-        "distillation"]["student_init"] == "random"
-    assert set(result["timings"]) >= {"total", "GLUE teacher"}
+    # One teacher pass per seed: its first variant built the cache, the four others (random init too) reused it.
+    record = json.loads((out / "teacher_cache.json").read_text())
+    for seed in seeds:
+        entry = record[f"seed-{seed}"]
+        assert entry["path"] == str(out / "teacher_cache" / f"seed-{seed}")
+        assert entry["runs"] == {"triple": "built", "no_ce": "reused", "no_cos": "reused", "no_mlm": "reused",
+                                 "random_init": "reused"}
+        assert (out / "teacher_cache" / f"seed-{seed}" / "teacher_cache.json").exists()
+    assert printed.count("cache teacher outputs: built") == 2
+    assert printed.count("cache teacher outputs: reused") == 8
+    assert printed.count("(teacher outputs from the cache)") == 10  # no variant ran the teacher while training
+
+    # One teacher head, fitted once (first seed, first variant) and loaded by every other run; the random-init
+    # student really is random.
+    head = out / "distil" / "seed-56" / "triple" / "teacher_mlm_head"
+    assert (head / "fitted_mlm_head.json").exists()
+    for seed in seeds:
+        for key, *_ in mini_repro.VARIANTS:
+            run = out / "distil" / f"seed-{seed}" / key
+            if run != head.parent:
+                assert not (run / "teacher_mlm_head").exists()
+                config = json.loads((run / "student" / "config.json").read_text())
+                assert config["distillation"]["teacher"] == str(head)
+        assert json.loads((out / "distil" / f"seed-{seed}" / "random_init" / "student_init" / "config.json")
+                          .read_text())["distillation"]["student_init"] == "random"
+    assert set(result["timings"]) >= {"total", "GLUE seed 56 teacher", "GLUE seed 57 teacher"}
 
     # The same command again reuses everything; other sizes on the same folder are refused.
     with pytest.raises(FileExistsError, match="other sizes"):
-        mini_repro.main(["--smoke", "--output_dir", str(out), "--glue_dir", str(GLUE), "--distil_steps", "3"])
+        mini_repro.main(["--smoke", "--output_dir", str(out), "--glue_dir", str(GLUE), "--seeds", "56"])
+
+
+def test_seeds_are_parsed_strictly():
+    mini_repro = load_script()
+    assert mini_repro.parse_seeds("56, 57,58") == [56, 57, 58]
+    for bad in ("", "56,56", "a,1"):
+        with pytest.raises(ValueError, match="--seeds"):
+            mini_repro.parse_seeds(bad)

@@ -2,15 +2,15 @@
 beside it in `distil_trainer`). The pipeline every recipe runs:
 
     binarize -> load teacher -> token counts -> fit its MLM head (teachers shipped without one) -> extract the
-    student -> distil (resumable) -> save student + tokenizer -> score (--score) -> model card -> report -> push
-    to the Hub
+    student -> cache the teacher's outputs (--teacher_cache) -> distil (resumable) -> save student + tokenizer ->
+    score (--score) -> model card -> report -> push to the Hub
 
 Each stage (`stage.Stage`, listed in `runner.STAGES`) names the run fields it reads and writes, the key of its
 cached output and its skip-if-done rule; it is skipped when its output exists, prints a one-line summary, and runs
 on the main process first in multi-process launches where it builds a cache (the other ranks then find its output
 and reuse it).
 
-Modules: runner (the stage list and loop, `main`), stage, data_stages, model_stages, training_stages,
+Modules: runner (the stage list and loop, `main`), stage, data_stages, model_stages, cache_stages, training_stages,
 output_stages, layout (output names), recipe_args (YAML + command line), model_card, report, hub, teacher_head,
 student_scores (what --score measures), score_text (its one-line result and tables), demo_inputs.
 

@@ -76,6 +76,9 @@ class FitTeacherHead(Stage):
                                            decoder=ctx.model_args.fit_teacher_mlm_head_decoder,
                                            seed=ctx.training_args.seed, save=ctx.is_main)
         ctx.state.wait_for_everyone()
+        # As save_pretrained records on the main process: every rank's teacher then has the config of the saved
+        # one (a teacher-output cache compares the config).
+        ctx.teacher.config.architectures = [type(ctx.teacher).__name__]
         ctx.missing = ctx.missing_head = []  # the head now exists, and the student copies it
         ctx.result["teacher_head"] = str(head_dir)
         return ("reused " if reused else "fitted ") + str(head_dir)

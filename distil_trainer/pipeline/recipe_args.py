@@ -82,6 +82,16 @@ class RecipeArguments:
                                                                   "nyu-mll/glue stsb validation split)."})
     heldout_file: str | None = field(default=None, metadata={"help": "Text (one sequence per line) the run does NOT "
                                                                      "train on, for --score's fidelity figures."})
+    teacher_cache: str | None = field(default=None, metadata={
+        "help": "Folder of a teacher-output cache: the teacher runs once over the training data (its outputs at the "
+                "positions and hidden layer the losses read, one masked copy per epoch) and distillation reads them "
+                "instead of running it. Runs with the same teacher, data and settings reuse the folder. Off by "
+                "default."})
+    teacher_cache_top_k: int = field(default=64, metadata={
+        "help": "With teacher_cache: the teacher's k largest logits stored per position (0: the whole vocabulary)."})
+    teacher_cache_dtype: str = field(default="float16", metadata={
+        "help": "With teacher_cache: precision of the stored logits and hidden states.",
+        "choices": ["float16", "float32"]})
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, DistillationArguments, RecipeArguments)

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..run_lock import OutputDirInUse
+from .cache_stages import CacheTeacher
 from .data_stages import Binarize, TokenCounts, load_tokenizer
 from .layout import STUDENT_DIR
 from .model_stages import ExtractStudent, FitTeacherHead, LoadTeacher
@@ -22,8 +23,8 @@ from .training_stages import Distil, SaveStudent, TrainingStopped
 logger = logging.getLogger(__name__)
 
 # In the order they run; each reads only what the runner or an earlier stage set.
-STAGES = (Binarize(), LoadTeacher(), TokenCounts(), FitTeacherHead(), ExtractStudent(), Distil(), SaveStudent(),
-          Score(), ModelCard(), Report(), PushToHub())
+STAGES = (Binarize(), LoadTeacher(), TokenCounts(), FitTeacherHead(), ExtractStudent(), CacheTeacher(), Distil(),
+          SaveStudent(), Score(), ModelCard(), Report(), PushToHub())
 
 
 class _Headers:

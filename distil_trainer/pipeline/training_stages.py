@@ -14,7 +14,7 @@ class TrainingStopped(RuntimeError):
 
 class Distil(Stage):
     name = "distil"
-    inputs = ("student", "teacher", "train_dataset", "collator", "tokenizer")
+    inputs = ("student", "teacher", "train_dataset", "collator", "tokenizer", "teacher_cache")
     outputs = ("trainer",)
 
     def cache_key(self, ctx):
@@ -35,9 +35,13 @@ class Distil(Stage):
         last = None if args.overwrite_output_dir or not out.is_dir() else get_last_checkpoint(str(out))
         if ctx.is_main and last:
             print(f"    resuming from {last}", flush=True)
-        trainer = DistillationTrainer(model=ctx.student, teacher_model=ctx.teacher, args=args,
-                                      train_dataset=ctx.train_dataset, data_collator=ctx.collator,
-                                      processing_class=ctx.tokenizer)
+        if ctx.teacher_cache is not None:  # no teacher forward: its rows and collator come from the cache
+            trainer = DistillationTrainer(model=ctx.student, teacher_cache=ctx.teacher_cache, args=args,
+                                          processing_class=ctx.tokenizer)
+        else:
+            trainer = DistillationTrainer(model=ctx.student, teacher_model=ctx.teacher, args=args,
+                                          train_dataset=ctx.train_dataset, data_collator=ctx.collator,
+                                          processing_class=ctx.tokenizer)
         train_result = trainer.train(resume_from_checkpoint=last)
         if trainer.stopped_on_nonfinite:
             raise TrainingStopped(
@@ -46,7 +50,8 @@ class Distil(Stage):
                 f"{out}; fix the cause (learning rate, data, precision) and run the same command to resume.")
         ctx.trainer = trainer
         return (f"{trainer.state.global_step} steps, final loss "
-                f"{train_result.training_loss:.4f}, {trainer.state.num_input_tokens_seen or 0} tokens")
+                f"{train_result.training_loss:.4f}, {trainer.state.num_input_tokens_seen or 0} tokens"
+                + (" (teacher outputs from the cache)" if ctx.teacher_cache is not None else ""))
 
 
 class SaveStudent(Stage):
