@@ -1,4 +1,4 @@
-"""Peak memory and step time of the LM-head loss: full logits (direct) vs `logits_chunk_size` (chunked), on CPU.
+"""Peak memory and step time of the LM-head loss: full logits (direct) vs `logits_chunk_size` (fused), on CPU.
 
     nice python benchmarks/bench_chunked_head.py --vocabs 49152,151936 --hidden 576 --batch 2 --seq 512 --chunk 128
 
@@ -9,13 +9,13 @@ What one step is: the forward and backward pass of the LM-head terms from the tw
   trainer computes them for a causal-LM student with `alpha_ce` and `alpha_clm`.
   direct = both heads project every position (`[tokens x vocab]` logits of each model, as the models' forward
   returns them), then `losses.soft_target_divergence` and `F.cross_entropy`;
-  chunked = `losses.chunked_head_terms` (what the trainer calls under `logits_chunk_size`).
+  fused = `losses.fused_head_terms` (what the trainer runs under `logits_chunk_size`: each chunk's gradient is
+  computed in the forward, nothing is recomputed); checkpointed (`--variants`) = `losses.chunked_head_terms`,
+  which recomputes each chunk in the backward under activation checkpointing (the trainer's path before).
 - `mlm`: `restrict_ce_to_mask` with a masked-LM student: L_ce and the MLM loss only at the masked positions
   (`--mask_fraction`, 15%). direct = full logits of every position (what a masked-LM forward returns), then the
-  terms at the masked positions; chunked = `losses.chunked_head_terms` with the mask, which projects only the
-  masked positions. The trainer refuses `logits_chunk_size` for masked-LM students, so this row measures the loss
-  function alone, not something a training run can use today.
-Both paths must give the same loss (checked, printed as `sanity`).
+  terms at the masked positions; fused/checkpointed project only the masked positions.
+All variants must give the same loss (checked, printed as `sanity`).
 
 How peak memory is measured (torch has no allocator statistics on CPU, and tracemalloc does not see its tensors):
 each variant runs in a fresh subprocess with `MALLOC_MMAP_THRESHOLD_=65536`, so every tensor over 64 KiB is its
@@ -84,13 +84,19 @@ def loss_step(variant, inputs, chunk, temperature=2.0):
     from distil_trainer import losses
 
     student_head, teacher_head, h_s, h_t, kl_mask, targets = inputs
+    if variant == "fused":  # the coefficients (1 / item count) are known before the forward, as in the trainer
+        coefs = {"ce": 1.0 / kl_mask.sum().item(), "lm": 1.0 / (targets != -100).sum().item()}
+        loss, _ = losses.fused_head_terms(h_s, h_t, student_head.weight, student_head.bias, teacher_head, temperature,
+                                          coefs, kl_mask=kl_mask, targets=targets, chunk_size=chunk)
+        loss.backward()
+        return loss.item()
     if variant == "direct":
         s_logits = student_head(h_s)
         with torch.no_grad():
             t_logits = teacher_head(h_t)
         ce = losses.soft_target_divergence(s_logits, t_logits, temperature, mask=kl_mask, reduction="sum")
         lm = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-    else:
+    else:  # checkpointed
         got = losses.chunked_head_terms(h_s, h_t, student_head, teacher_head, temperature, kl_mask=kl_mask,
                                         targets=targets, chunk_size=chunk, terms=("ce", "lm"))
         ce, lm = got["ce"], got["lm"]
@@ -145,7 +151,9 @@ def parse(argv):
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--chunk", type=int, default=128, help="logits_chunk_size of the chunked path")
+    p.add_argument("--chunk", type=int, default=128, help="logits_chunk_size of the chunked paths")
+    p.add_argument("--variants", default="direct,fused", help="direct, fused and/or checkpointed; the first is the "
+                                                               "reference of the ratios")
     p.add_argument("--mask_fraction", type=float, default=0.15)
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
     p.add_argument("--threads", type=int, default=1)
@@ -162,25 +170,29 @@ def main(argv=None):
     print(f"LM-head loss, forward+backward from hidden states: {args.batch} x {args.seq} tokens, hidden "
           f"{args.hidden}, chunk {args.chunk}, threads {args.threads}, {args.steps} timed steps (median), "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"{'task':<7}{'vocab':>8}{'variant':>9}{'peak MiB':>10}{'wall s':>9}{'cpu s':>8}{'loss':>12}")
+    variants = args.variants.split(",")
+    print(f"{'task':<7}{'vocab':>8}{'variant':>13}{'peak MiB':>10}{'wall s':>9}{'cpu s':>8}{'loss':>12}")
     for task in args.tasks.split(","):
         for vocab in (int(v) for v in args.vocabs.split(",")):
             rows = {}
-            for variant in ("direct", "chunked"):
+            for variant in variants:
                 spec = {"task": task, "variant": variant, "vocab": vocab, "hidden": args.hidden,
                         "batch": args.batch, "seq": args.seq, "chunk": args.chunk, "steps": args.steps,
                         "threads": args.threads, "mask_fraction": args.mask_fraction}
                 rows[variant] = r = run_child(spec)
                 note = "" if r["peak_reset"] else "  (peak RSS could not be reset: includes the warm-up)"
-                print(f"{task:<7}{vocab:>8}{variant:>9}{r['peak_mib']:>10.1f}{r['wall_s']:>9.3f}{r['cpu_s']:>8.3f}"
+                print(f"{task:<7}{vocab:>8}{variant:>13}{r['peak_mib']:>10.1f}{r['wall_s']:>9.3f}{r['cpu_s']:>8.3f}"
                       f"{r['loss']:>12.6f}{note}")
-            d, c = rows["direct"], rows["chunked"]
+            d = rows[variants[0]]
             one_tensor = tokens * vocab * 4 / 2**20
-            same = abs(d["loss"] - c["loss"]) <= 1e-4 * max(1.0, abs(d["loss"]))
-            print(f"  -> {task} vocab {vocab}: peak direct/chunked {d['peak_mib'] / max(c['peak_mib'], 1e-9):.2f}x, "
-                  f"time chunked/direct wall {c['wall_s'] / d['wall_s']:.2f}x cpu {c['cpu_s'] / d['cpu_s']:.2f}x "
-                  f"(one fp32 [tokens x vocab] tensor: {one_tensor:.1f} MiB); "
-                  f"sanity: {'OK, same loss' if same else 'MISMATCH'}")
+            for name in variants[1:]:
+                c = rows[name]
+                same = abs(d["loss"] - c["loss"]) <= 1e-4 * max(1.0, abs(d["loss"]))
+                print(f"  -> {task} vocab {vocab}: peak {variants[0]}/{name} "
+                      f"{d['peak_mib'] / max(c['peak_mib'], 1e-9):.2f}x, time {name}/{variants[0]} wall "
+                      f"{c['wall_s'] / d['wall_s']:.2f}x cpu {c['cpu_s'] / d['cpu_s']:.2f}x "
+                      f"(one fp32 [tokens x vocab] tensor: {one_tensor:.1f} MiB); "
+                      f"sanity: {'OK, same loss' if same else 'MISMATCH'}")
     return 0
 
 

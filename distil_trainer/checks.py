@@ -3,8 +3,10 @@
 import logging
 import os
 
+import torch
+
 from .model_utils import (BARE, CAUSAL_LM, LM_HEADS, MASKED_LM, SEQUENCE_CLASSIFICATION, TASK_HEADS,
-                          forward_arguments, head_kind, hidden_size, load_tokenizer, unwrap, vocab_size)
+                          head_kind, hidden_size, load_tokenizer, unwrap, vocab_size)
 
 logger = logging.getLogger(__name__)
 
@@ -131,18 +133,19 @@ def check_output_dir(args, resume_from_checkpoint=None):
 
 
 def check_chunked_head(student, teacher, args):
-    """`logits_chunk_size` projects hidden states with the models' LM heads itself: refuse models where that
-    would not give their logits, naming the model and the fix."""
+    """`logits_chunk_size` projects the models' LM-head features with their output embeddings itself: refuse
+    models where that would not give their logits, naming the model and the fix."""
     fix = "set logits_chunk_size=None to compute the terms from full logits."
-    if head_kind(student) != CAUSAL_LM:
-        raise ValueError(f"logits_chunk_size={args.logits_chunk_size} needs a causal-LM student, but the student is "
-                         f"{_name(student)}; {fix}")
+    if head_kind(student) not in LM_HEADS:
+        raise ValueError(f"logits_chunk_size={args.logits_chunk_size} needs a causal-LM or masked-LM student, but the "
+                         f"student is {_name(student)}; {fix}")
     uses_teacher = any(k in args.loss_weights for k in ("ce", "mse"))
     for role, model in (("student", student), ("teacher", teacher)) if uses_teacher else (("student", student),):
         inner = unwrap(model)
-        if "logits_to_keep" not in forward_arguments(model) or inner.get_output_embeddings() is None:
-            raise ValueError(f"logits_chunk_size needs the {role} {_name(model)} to take logits_to_keep and have an "
-                             f"output embedding (its LM head); {fix}")
+        head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+        if head_kind(model) not in LM_HEADS or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            raise ValueError(f"logits_chunk_size needs the {role} {_name(model)} to be a causal or masked LM whose "
+                             f"LM head ends in an output embedding with a weight (get_output_embeddings()); {fix}")
         config = inner.config.get_text_config()
         scaled = [k for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
                   if getattr(config, k, None) not in (None, 1, 1.0)]

@@ -79,9 +79,11 @@ class DistillationArguments(TrainingArguments):
     )
     logits_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Causal-LM students: compute L_ce, L_mse, L_clm and the agreement from the last hidden "
-                          "states, projecting this many positions to the vocabulary at a time (teacher and student), "
-                          "so no full [tokens x vocab] logit tensor exists in training. None: from the full logits."},
+        metadata={"help": "Causal- and masked-LM students: compute L_ce, L_mse, L_clm/L_mlm and the agreement from "
+                          "the features the LM heads project, projecting this many positions (only those a term "
+                          "reads) to the vocabulary at a time (teacher and student), with each chunk's gradient "
+                          "taken in the forward, so no full [tokens x vocab] logit tensor exists in training. None: "
+                          "from the full logits."},
     )
     restrict_ce_to_mask: bool = field(
         default=False, metadata={"help": "Compute L_ce/L_mse only at masked (MLM label) positions."}

@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
-from . import losses
+from . import chunked_head, losses
 from .atomic import write_text_atomic
 from .callbacks import CollatorEpochCallback, NonFiniteLossGuard, nonfinite_parameters
 from .checks import check_chunked_head, check_output_dir, check_student_teacher, check_student_terms
@@ -320,12 +320,12 @@ class DistillationTrainer(Trainer):
 
     def _forward(self, model, inputs, keep, output_hidden_states, chunked=False):
         model_inputs = {k: v for k, v in inputs.items() if k in keep}
-        if output_hidden_states or chunked:
+        if output_hidden_states:
             model_inputs["output_hidden_states"] = True
-        if chunked:  # no logits: the loss projects the last hidden states itself, a chunk at a time
-            model_inputs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
         model_inputs.update(self._intermediate.forward_options())
-        return model(**model_inputs)
+        # chunked: no logits; the forward returns the LM head's features, which the loss projects a chunk at a time
+        with chunked_head.features_only(model) if chunked else contextlib.nullcontext():
+            return model(**model_inputs)
 
     def _term_sums(self, inputs, student_out, teacher_out, chunked=False):
         """{term: sum over its items in this micro-batch} for the weighted terms, plus top-1 agreement."""
@@ -334,9 +334,8 @@ class DistillationTrainer(Trainer):
         head = self._student_head
         sums = {}
         agreement = None
-        if chunked:
-            sums, agreement = self._chunked_head_sums(inputs, student_out, teacher_out)
-        elif teacher_out is not None and ("ce" in w or "mse" in w):
+        # chunked: the LM-head terms are computed in compute_loss (_chunked_head_loss)
+        if teacher_out is not None and ("ce" in w or "mse" in w) and not chunked:
             if getattr(teacher_out, "topk_ids", None) is not None:  # an LM teacher cache's top-k (only L_ce)
                 sums, agreement = self._cache.topk_sums(student_out.logits, teacher_out, T, masks["logits"])
             elif head == QUESTION_ANSWERING:
@@ -372,7 +371,7 @@ class DistillationTrainer(Trainer):
         if "cos" in w:
             sums["cos"] = losses.hidden_cosine(student_out.hidden_states[-1], teacher_out.hidden_states[-1],
                                                mask=masks["tokens"], reduction="sum")
-        if "mlm" in w:
+        if "mlm" in w and not chunked:
             sums["mlm"] = losses.masked_lm_loss(student_out.logits, inputs["labels"], reduction="sum")
         if "clm" in w and not chunked:
             sums["clm"] = losses.causal_lm_loss(student_out.logits, inputs["labels"], reduction="sum")
@@ -382,34 +381,14 @@ class DistillationTrainer(Trainer):
             sums["task"] = student_out.loss * count.to(student_out.loss.dtype)
         return sums, agreement
 
-    def _chunked_head_sums(self, inputs, student_out, teacher_out):
-        """L_ce, L_mse, L_clm and the agreement from the last hidden states, projected a chunk of positions at a
-        time (`logits_chunk_size`): the same sums as from full logits, without a [tokens x vocab] tensor."""
+    def _chunked_head_loss(self, model, inputs, student_out, teacher_out, coefficients):
+        """(weighted loss, detached sums, agreement) of L_ce, L_mse and L_clm/L_mlm from the heads' features, a chunk
+        of positions at a time with each chunk's gradient taken in the forward (`logits_chunk_size`)."""
         w = self._weights
-        terms = [t for t in ("ce", "mse") if t in w and teacher_out is not None]
-        kl_mask = self._position_masks(inputs)["logits"]
-        if not terms:
-            kl_mask = torch.zeros_like(kl_mask)
-        targets = None
-        if "clm" in w:  # the logits at t are scored on the token at t + 1
-            labels = inputs["labels"]
-            targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-            terms.append("lm")
-        student_hidden = student_out.hidden_states[-1]
-        student_head = unwrap(self.model).get_output_embeddings()
-        if teacher_out is not None:
-            teacher_hidden, teacher_head = teacher_out.hidden_states[-1], unwrap(self.teacher).get_output_embeddings()
-        else:  # only L_clm: nothing of the teacher's is compared (kl_mask is empty)
-            teacher_hidden, teacher_head = student_hidden.detach(), student_head
-        got = losses.chunked_head_terms(
-            student_hidden, teacher_hidden, student_head, teacher_head, self.args.temperature, kl_mask=kl_mask,
-            targets=targets, chunk_size=self.args.logits_chunk_size, vocab=self._shared_vocab,
-            divergence=self.args.divergence, jsd_beta=self.args.jsd_beta, terms=terms)
-        sums = {t: got[t] for t in ("ce", "mse") if t in terms}
-        if "lm" in got:
-            sums["clm"] = got["lm"]
-        agreement = (got["agree"], kl_mask.sum()) if teacher_out is not None and terms != ["lm"] else None
-        return sums, agreement
+        terms = [t for t in ("ce", "mse") if t in w and teacher_out is not None] + [t for t in ("clm", "mlm") if t in w]
+        return chunked_head.head_loss(model, self.teacher, student_out, teacher_out, inputs.get("labels"),
+                                      self._position_masks(inputs)["logits"], {t: coefficients[t] for t in terms},
+                                      self.args, self._shared_vocab)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._check_batch(inputs)
@@ -433,15 +412,21 @@ class DistillationTrainer(Trainer):
         sums.update(self._intermediate.term_sums(student_out, teacher_out, student_qkv, teacher_qkv,
                                                  self._position_masks(inputs)["tokens"], model.training))
 
-        device = next(iter(sums.values())).device
-        local_counts = self._item_counts(inputs).to(device)
+        local_counts = self._item_counts(inputs)
         if model.training and self._step_counts is not None:
             # Each micro-batch contributes sum / (items in the whole step, all ranks); DDP then averages the
             # gradients over ranks, so multiply back by their number.
-            counts, scale = self._step_counts, self.accelerator.num_processes
+            counts, scale = self._step_counts.to(local_counts.device), self.accelerator.num_processes
         else:
             counts, scale = local_counts, 1
-        loss = sum(w[t] * sums[t] / counts[TERMS.index(t)].clamp(min=1).to(sums[t].dtype) for t in sums) * scale
+        loss = sum(w[t] * sums[t] / counts[TERMS.index(t)].clamp(min=1).to(sums[t].device, sums[t].dtype)
+                   for t in sums) * scale
+        if chunked:  # the head terms' coefficients are known before their forward, which takes their gradients
+            coefficients = {t: (w[t] * scale / counts[TERMS.index(t)].clamp(min=1)).float() for t in w}
+            head_loss, head_sums, agreement = self._chunked_head_loss(model, inputs, student_out, teacher_out,
+                                                                      coefficients)
+            loss = loss + head_loss
+            sums.update(head_sums)  # detached: for the logs and the non-finite flags
 
         if model.training:
             self._accumulate_logs(sums, local_counts, agreement)

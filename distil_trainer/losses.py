@@ -335,3 +335,114 @@ def chunked_head_terms(student_hidden, teacher_hidden, student_head, teacher_hea
     result = {name: totals[i] for i, name in enumerate(names)}
     result["agree"] = torch.as_tensor(agree, device=s_rows.device)
     return result
+
+
+# ---- the same terms with each chunk's gradient computed in the forward pass (no recomputation) ----
+
+HEAD_TERMS = ("ce", "mse", "lm")
+
+
+def _chunk_term_sums(s_full, t_logits, kl, tgt, terms, temperature, vocab, divergence, jsd_beta):
+    """[ce, mse, lm] sums of one chunk from its fp32 logits (student `s_full` [n, V_s], teacher `t_logits` [n, V_t]
+    or None); the terms not in `terms` are 0 and not computed."""
+    zero = s_full.new_zeros(())
+    ce = mse = lm = zero
+    if "ce" in terms or "mse" in terms:
+        s_kl, t_kl = s_full[kl], t_logits[kl]
+        if vocab is not None:  # the teacher-student terms compare the shared range
+            s_kl, t_kl = s_kl[:, :vocab], t_kl[:, :vocab]
+        if "ce" in terms:
+            ce = divergence_rows(s_kl / temperature, t_kl / temperature, divergence, jsd_beta).sum() * temperature**2
+        if "mse" in terms:
+            mse = (s_kl - t_kl).pow(2).sum()
+    if "lm" in terms:
+        lm = F.cross_entropy(s_full, tgt, ignore_index=-100, reduction="sum")  # the whole student vocabulary
+    return torch.stack([ce, mse, lm])
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """sum_k coef_k * S_k for the head terms S = (ce, mse, lm), with the gradient of each chunk taken in the forward.
+
+    Per chunk: student logits h W^T (+ b), teacher logits under no_grad, the term sums, and G = d(weighted sum) /
+    d(student logits) by autograd on a detached leaf (so every divergence of `divergence_rows` works); then dh = G W
+    and dW += G^T h (db += sum G) while the chunk's logits are still there. Backward only scales those stored
+    gradients by grad_output: no projection is recomputed, so a step costs the direct path's ~4 vocabulary-sized
+    matmuls (2 forward, 2 for the gradients) without holding any [positions x vocab] tensor beyond one chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, coefs, t_rows, teacher_head, kl, tgt, options):
+        chunk_size, terms, temperature, vocab, divergence, jsd_beta, need = options
+        acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        d_rows = torch.empty_like(rows) if need[0] else None  # every row is written: each is in one chunk
+        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
+        d_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need[2] else None
+        totals = torch.zeros(len(HEAD_TERMS), dtype=torch.float32, device=rows.device)
+        agree = torch.zeros((), dtype=torch.long, device=rows.device)
+        for start in range(0, rows.shape[0], chunk_size):
+            piece = slice(start, start + chunk_size)
+            h, kl_c, tgt_c = rows[piece], kl[piece], tgt[piece]
+            t_logits = None if teacher_head is None else _fp32(teacher_head(t_rows[piece]))  # no_grad here
+            with torch.enable_grad():
+                leaf = _fp32(F.linear(h, weight, bias)).detach().requires_grad_(True)
+                sums = _chunk_term_sums(leaf, t_logits, kl_c, tgt_c, terms, temperature, vocab, divergence, jsd_beta)
+                (grad,) = torch.autograd.grad((sums * coefs.to(sums.dtype)).sum(), leaf)
+            totals += sums.detach().float()
+            if t_logits is not None:
+                agree += (leaf[:, :vocab].detach().argmax(-1) == t_logits[:, :vocab].argmax(-1))[kl_c].sum()
+            del leaf, sums, t_logits
+            with torch.autocast(rows.device.type, enabled=False):  # the gradients in the weights' own dtypes
+                if d_rows is not None:
+                    d_rows[piece] = (grad.to(weight.dtype) @ weight).to(rows.dtype)
+                if d_weight is not None:
+                    d_weight.addmm_(grad.t().to(acc), h.to(acc))  # in place: no [vocab x width] temporary
+                if d_bias is not None:
+                    d_bias += grad.sum(0).to(acc)
+        ctx.grads = (d_rows, d_weight, d_bias)
+        ctx.dtypes = (rows.dtype, weight.dtype, None if bias is None else bias.dtype)
+        loss = (totals * coefs.to(totals.dtype)).sum()
+        ctx.mark_non_differentiable(totals, agree)
+        return loss, totals, agree
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_totals, _grad_agree):
+        out = []
+        for grad, dtype in zip(ctx.grads, ctx.dtypes):
+            out.append(None if grad is None else grad.mul_(grad_loss.to(grad.dtype)).to(dtype))
+        ctx.grads = None  # once differentiable: the stored gradients are not kept past the backward
+        return (*out, None, None, None, None, None, None)
+
+
+def fused_head_terms(student_hidden, teacher_hidden, student_weight, student_bias, teacher_head, temperature,
+                     coefficients, kl_mask=None, targets=None, chunk_size=1024, vocab=None, divergence="forward_kl",
+                     jsd_beta=0.5):
+    """The loss sum_k coefficients[k] * S_k of the LM-head terms, projected one chunk of positions at a time with
+    each chunk's gradient computed in the forward pass (see `_FusedHeadLoss`), and the sums S_k for logging.
+
+    Arguments as in `chunked_head_terms`, except that the student's head is given as its `student_weight`
+    [V, D] / `student_bias` [V] (or None), since its gradient is computed here, and `coefficients` ({"ce", "mse",
+    "lm"} -> float or 0-dim tensor; absent terms are 0) must be known before the forward: the loss weight over
+    the term's item count. `teacher_head` None: no teacher (only "lm"; `teacher_hidden` is not read).
+    Returns (loss, {"ce", "mse", "lm": detached sums; "agree": top-1 agreement count}).
+    The loss's value and gradients equal those of `sum_k coefficients[k] * chunked_head_terms(...)[k]`; its
+    backward multiplies the stored gradients by the incoming grad_output (loss scaling, accumulation) and may run
+    once. A tied input embedding receives both gradients, as autograd adds them on the shared weight.
+    """
+    width = student_hidden.shape[-1]
+    rows = student_hidden.reshape(-1, width)
+    t_rows = rows if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    n, device = rows.shape[0], rows.device
+    kl = kl_mask.reshape(-1).bool() if kl_mask is not None else torch.ones(n, dtype=torch.bool, device=device)
+    tgt = targets.reshape(-1) if targets is not None else torch.full((n,), -100, device=device)
+    used = kl | (tgt != -100)  # positions no term reads are never projected
+    rows, t_rows, kl, tgt = rows[used], t_rows[used].detach(), kl[used], tgt[used]
+    coefs = torch.stack([torch.as_tensor(coefficients.get(k, 0.0), dtype=torch.float32, device=device).reshape(())
+                         for k in HEAD_TERMS])
+    need = (rows.requires_grad, student_weight.requires_grad,
+            student_bias is not None and student_bias.requires_grad)
+    terms = tuple(k for k in HEAD_TERMS if k in coefficients and (k == "lm" or teacher_head is not None))
+    options = (chunk_size, terms, temperature, vocab, divergence, jsd_beta, need)
+    loss, totals, agree = _FusedHeadLoss.apply(rows, student_weight, student_bias, coefs, t_rows, teacher_head, kl,
+                                               tgt, options)
+    return loss, {**{k: totals[i] for i, k in enumerate(HEAD_TERMS)}, "agree": agree}

@@ -170,11 +170,13 @@ def test_gradient_accumulation_is_exact(divergence, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("chunk", [None, "5"])
+def test_two_processes_match_one(tmp_path, chunk):
     """DDP on 2 CPU ranks (batch 4 each) logs the same losses and ends with the same student as 1 process with
-    batch 8, with the generalised JSD."""
+    batch 8, with the generalised JSD; also through the fused chunked LM-head path (`logits_chunk_size`), whose
+    head gradients reach DDP's all-reduce from the custom autograd function."""
     script = REPO / "tests" / "divergence_run.py"
-    extra = ["--divergence", "jsd", "--jsd_beta", "0.3"]
+    extra = ["--divergence", "jsd", "--jsd_beta", "0.3"] + (["--logits_chunk_size", chunk] if chunk else [])
     import subprocess
 
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "8", "--use_cpu", "true", *extra],

@@ -23,7 +23,8 @@ from ..model_utils import (_SUFFIX_TO_HEAD, CAUSAL_LM, LM_HEADS, MASKED_LM, TASK
 from .identity import (REPLACE, TeacherCacheMismatch, data_identity, differing_fields, masking_identity,
                        mismatch_message, teacher_identity)
 from .shard import DTYPES, compute_shard
-from .store import FORMAT, MANIFEST_FILE, TeacherCache, load_teacher_cache, partial_dir, read_manifest, shard_problems
+from .store import (FORMAT, LOW_TOPK_MASS, MANIFEST_FILE, TeacherCache, load_teacher_cache, partial_dir, read_manifest,
+                    shard_problems)
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +335,10 @@ def format_summary(teacher_cache, cache_hit, seconds=None):
         lines.append(f"  bytes / position  {s['bytes'] / s['positions']:>12,.1f}")
     if s.get("topk_mass_mean") is not None:
         lines.append(f"  top-{i['top_k']} mass mean  {s['topk_mass_mean']:>10.4f}  (teacher probability in the top-k)")
+        if s["topk_mass_mean"] < LOW_TOPK_MASS:
+            lines.append(f"  warning: under {LOW_TOPK_MASS:.0%} of the teacher's probability is kept; the renormalised "
+                         "top-k target is much sharper than the teacher (see README, Training from the cache): "
+                         "consider a larger top_k")
     lines.append(f"  teacher time      {s['seconds']:>11.1f}s")
     if seconds is not None:
         lines.append(f"  total time        {seconds:>11.1f}s")

@@ -18,6 +18,10 @@ IDENTITY_FIELDS = ("teacher", "tokenizer", "data", "rows", "head", "positions", 
 # load_teacher_cache(verify=...) -> data.cache.check_files(verify_checksums=...)
 _VERIFY = {"changed": "changed", "full": True, "size": False}
 
+# Below this share of the teacher's probability inside its stored top k (stats["topk_mass_mean"]), the renormalised
+# target is much sharper than the teacher (a flat teacher: bench_teacher_cache.py's MiniLM head keeps 12% in its top 32).
+LOW_TOPK_MASS = 0.5
+
 
 def partial_dir(path):
     """Where a cache is built before it is moved to `path` (same parent, so the final rename is atomic)."""

@@ -8,6 +8,7 @@ from ..model_utils import LM_HEADS, head_kind, hidden_size, unwrap, vocab_size
 from .collator import CACHED_MASK_KEY, HIDDEN_PREFIX, CachedTeacherCollator
 from .epochs import CacheEpochCallback, CachedEpochsDataset
 from .outputs import cached_teacher_output, topk_kl_sums
+from .store import LOW_TOPK_MASS
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,15 @@ def open_cache(teacher_cache):
 
         return load_teacher_cache(str(teacher_cache))
     return teacher_cache
+
+
+def warn_low_coverage(cache):
+    mass = cache.stats.get("topk_mass_mean")
+    if mass is not None and mass < LOW_TOPK_MASS:
+        logger.warning("The teacher cache's top %d logits hold on average only %.0f%% of the teacher's probability: "
+                       "L_ce from it trains on the top k renormalised, a much sharper target than the teacher's own "
+                       "distribution. Rebuild with a larger top_k, or train with the teacher online.",
+                       cache.identity["top_k"], 100 * mass)
 
 
 class CacheTraining:
@@ -40,6 +50,8 @@ class CacheTraining:
         self._check_student(student, args)
         _check_tokenizer(tokenizer, identity)
         weights = args.loss_weights
+        if "ce" in weights:
+            warn_low_coverage(self.cache)
         # Every logit is stored (k = V): L_mse and the other divergences read them scattered back to dense logits.
         self.dense = self.is_lm and self.top_k >= self.vocab_size and (
             "mse" in weights or args.divergence != "forward_kl")
