@@ -5,7 +5,6 @@ same tokens. Never timings."""
 import importlib.util
 import json
 import math
-import random
 
 import pytest
 
@@ -15,19 +14,9 @@ import tiny_gguf
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_process_state")]
 
 
-def _text(n_words, seed):
-    rng = random.Random(seed)
-    return " ".join(rng.choice(tiny_gguf.WORDS) for _ in range(n_words))
-
-
 def test_bench_smollm2_smoke(tmp_path):
     pytest.importorskip("gguf", reason="the benchmark's teacher is a GGUF file")
-    teacher = tmp_path / "tiny.gguf"
-    tiny_gguf.write_tiny_llama_gguf(teacher, layers=4)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(_text(40, seed) for seed in range(20)) + "\n", encoding="utf-8")
-    eval_file = tmp_path / "eval.txt"
-    eval_file.write_text(_text(2000, 99), encoding="utf-8")
+    teacher, corpus, eval_file = tiny_gguf.write_decoder_benchmark_inputs(tmp_path)
     spec = importlib.util.spec_from_file_location("bench_smollm2_under_test",
                                                   tiny.REPO_ROOT / "benchmarks" / "bench_smollm2.py")
     bench = importlib.util.module_from_spec(spec)

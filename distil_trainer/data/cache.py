@@ -1,6 +1,7 @@
 """Output directories that double as caches: fingerprints, metadata beside the data, atomic publication
 and integrity checks. Shared by binarization and token counting."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,21 @@ from pathlib import Path
 from ..atomic import write_text_atomic
 
 HASH_CHUNK = 8 << 20
+
+
+@contextlib.contextmanager
+def datasets_progress_bars(enabled):
+    """While active, `datasets`' own progress bars are on or off; their earlier state is restored after."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    if not enabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def stable_hash(obj):

@@ -141,19 +141,6 @@ def cache_identity(teacher, tokenizer, dataset, plan):
 
 
 # ---- the build: shards, progress, publication -----------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet_datasets():
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
 def _write_shard(table, build_dir, rel_path):
     """save_to_disk into a temporary sibling, then rename: a shard folder is complete or absent."""
     import datasets
@@ -163,7 +150,7 @@ def _write_shard(table, build_dir, rel_path):
     for leftover in (tmp, final):  # from a build killed while writing this shard
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet_datasets():  # one bar for the whole build, not one per shard save
+    with cache.datasets_progress_bars(False):  # one bar for the whole build, not one per shard save
         datasets.Dataset(datasets.table.InMemoryTable(table)).save_to_disk(str(tmp))
     os.replace(tmp, final)
     return cache.describe_files(final, sorted(p.name for p in final.iterdir() if p.is_file()))
