@@ -36,10 +36,12 @@ def test_smoke_run_with_two_seeds_shares_the_teacher_and_aggregates(tmp_path, ca
     assert markdown == result["markdown"] and markdown in printed
     glue_part, ablation_part = markdown.split("## Ablation")
     lines = [line for line in glue_part.splitlines() if line.startswith("| ")]
-    assert lines[0] == "| Model | Score (mean ± std) | Score range | SST-2 (acc) | % of teacher |"
+    assert lines[0] == ("| Model | Score (mean ± std) | Score range | SST-2 (acc) | % of teacher | "
+                        "STS-B zero-shot (Spearman) |")
     rows = {line.split(" | ")[0][2:]: line[:-2].split(" | ")[1:] for line in lines[1:]}
-    expected = [mini_repro.TEACHER_LABEL] + [label for _, label, *_ in mini_repro.VARIANTS]
-    assert list(rows) == expected
+    keys = [("teacher", mini_repro.TEACHER_LABEL), ("extracted", mini_repro.EXTRACTED_LABEL)] + [
+        (k, label) for k, label, *_ in mini_repro.VARIANTS]
+    assert list(rows) == [label for _, label in keys]
 
     # Each model's SST-2 dev accuracy per seed, from its results file; the cells are their mean, sample standard
     # deviation and range, computed here by hand.
@@ -54,20 +56,31 @@ def test_smoke_run_with_two_seeds_shares_the_teacher_and_aggregates(tmp_path, ca
         return mean, (((a - mean) ** 2 + (b - mean) ** 2) / (2 - 1)) ** 0.5
 
     teacher_mean, _ = mean_std(*(accuracy("teacher", s) for s in seeds))
-    for key, label in [("teacher", mini_repro.TEACHER_LABEL)] + [(k, label) for k, label, *_ in mini_repro.VARIANTS]:
+    for key, label in keys:
         a, b = (accuracy(key, s) for s in seeds)
         mean, std = mean_std(a, b)
-        score, extent, task, percent = rows[label]
+        score, extent, task, percent, _ = rows[label]
         got_mean, got_std = (float(x) for x in score.split(" ± "))
         assert (got_mean, got_std) == (pytest.approx(mean, abs=0.051), pytest.approx(std, abs=0.051))
         assert [float(x) for x in extent.split(" to ")] == pytest.approx([min(a, b), max(a, b)], abs=0.051)
         assert float(task) == pytest.approx(mean, abs=0.051)
         assert float(percent) == pytest.approx(100.0 * mean / teacher_mean, abs=0.051)
 
-    # Ablation: the variant minus the triple-loss student of the same seed, mean ± std over the seeds.
+    # STS-B zero-shot, recomputed here: Spearman of the mean-pooled cosine over the first 32 dev pairs, for the
+    # teacher (the same in both seeds) and the two seeds' triple-loss students (mean ± sample std).
+    stsb = [line.split("\t") for line in (GLUE / "STS-B" / "dev.tsv").read_text().splitlines()[1:33]]
+    teacher_dir = json.loads((out / "distil" / "seed-56" / "triple" / "student" / "config.json").read_text())[
+        "distillation"]["teacher"]
+    assert rows[mini_repro.TEACHER_LABEL][4].split(" ± ")[0] == f"{zero_shot(teacher_dir, stsb):.1f}"
+    mean, std = mean_std(*(zero_shot(out / "distil" / f"seed-{s}" / "triple" / "student", stsb) for s in seeds))
+    got_mean, got_std = (float(x) for x in rows["3L student, triple loss"][4].split(" ± "))
+    assert (got_mean, got_std) == (pytest.approx(mean, abs=0.051), pytest.approx(std, abs=0.051))
+
+    # Ablation: the variant minus the triple-loss student of the same seed, mean ± std over the seeds; last, the
+    # student with no distillation at all.
     ablation = [line for line in ablation_part.splitlines() if line.startswith("| ")][1:]
-    assert len(ablation) == 4
-    for line, key in zip(ablation, ("no_ce", "no_cos", "no_mlm", "random_init")):
+    assert len(ablation) == 5
+    for line, key in zip(ablation, ("no_ce", "no_cos", "no_mlm", "random_init", "extracted")):
         diffs = [accuracy(key, s) - accuracy("triple", s) for s in seeds]
         mean, std = mean_std(*diffs)
         cell = line.split(" | ")[1]
@@ -104,6 +117,25 @@ def test_smoke_run_with_two_seeds_shares_the_teacher_and_aggregates(tmp_path, ca
     # The same command again reuses everything; other sizes on the same folder are refused.
     with pytest.raises(FileExistsError, match="other sizes"):
         mini_repro.main(["--smoke", "--output_dir", str(out), "--glue_dir", str(GLUE), "--seeds", "56"])
+
+
+def zero_shot(folder, rows):
+    """STS-B Spearman x100 of the cosine of mean-pooled last hidden states (columns 7, 8: sentences; 9: score)."""
+    import torch
+    from scipy.stats import spearmanr
+    from transformers import AutoModel, AutoTokenizer
+
+    model, tokenizer = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+    def embed(texts):
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    cosine = torch.nn.functional.cosine_similarity(embed([r[7] for r in rows]), embed([r[8] for r in rows]))
+    return 100.0 * spearmanr(cosine.tolist(), [float(r[9]) for r in rows]).correlation
 
 
 def test_seeds_are_parsed_strictly():
