@@ -141,6 +141,9 @@ class DistillationTrainer(Trainer):
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = self._cache.collator(tokenizer)
         super().__init__(model=model, args=args, **kwargs)
+        if self.is_fsdp_enabled or (self.is_deepspeed_enabled
+                                    and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
+            self._cache.rows_only = False  # the head is sharded: it runs inside the model's forward only
         self.teacher = None
         epoch_callback = self._cache.epoch_callback(self.train_dataset)
         if epoch_callback is not None:
@@ -334,7 +337,7 @@ class DistillationTrainer(Trainer):
         head = self._student_head
         sums = {}
         agreement = None
-        # chunked: the LM-head terms are computed in compute_loss (_chunked_head_loss)
+        # chunked: the LM-head terms are computed in compute_loss (_chunked_head_loss, or the cache's row_head_sums)
         if teacher_out is not None and ("ce" in w or "mse" in w) and not chunked:
             if getattr(teacher_out, "topk_ids", None) is not None:  # an LM teacher cache's top-k (only L_ce)
                 sums, agreement = self._cache.topk_sums(student_out.logits, teacher_out, T, masks["logits"])
@@ -398,8 +401,10 @@ class DistillationTrainer(Trainer):
         student_keep = self._student_inputs - (set() if "task" in w else set(TARGET_KEYS))
         # In training, logits_chunk_size computes the LM-head terms from hidden states (evaluation keeps logits).
         chunked = self.args.logits_chunk_size is not None and model.training
+        # From a teacher cache, a masked-LM student's head runs on the rows its terms read only (rows_only).
+        rows_only = self._cache is not None and self._cache.rows_only and model.training
         with self._intermediate.recording("student") as student_qkv:
-            student_out = self._forward(model, inputs, student_keep, need_hidden, chunked)
+            student_out = self._forward(model, inputs, student_keep, need_hidden, chunked or rows_only)
         teacher_out = teacher_qkv = None
         if self._cache is not None:
             teacher_out = self._cache.teacher_output(inputs)
@@ -408,7 +413,12 @@ class DistillationTrainer(Trainer):
             with torch.no_grad(), self.accelerator.autocast(), self._intermediate.recording("teacher") as teacher_qkv:
                 teacher_out = self._forward(self.teacher, inputs, self._teacher_inputs - set(TARGET_KEYS),
                                             need_hidden, chunked)
-        sums, agreement = self._term_sums(inputs, student_out, teacher_out, chunked)
+        sums, agreement = self._term_sums(inputs, student_out, teacher_out, chunked or rows_only)
+        if rows_only:
+            head_sums, agreement = self._cache.row_head_sums(
+                model, chunked_head.head_features(model, student_out), teacher_out, inputs.get("labels"),
+                self._position_masks(inputs)["logits"], w, self.args.temperature)
+            sums.update(head_sums)
         sums.update(self._intermediate.term_sums(student_out, teacher_out, student_qkv, teacher_qkv,
                                                  self._position_masks(inputs)["tokens"], model.training))
 

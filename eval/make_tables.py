@@ -14,6 +14,7 @@ Conventions (all numbers are medians over seeds, in %, except perplexity):
   is marked with *.
 - XNLI: accuracy per language; Avg is the mean over the languages shown in the row.
 - SQuAD: exact match and F1 (official v1.1 normalisation).
+- STS-B bi-encoder (run_sts.py): Pearson/Spearman of the cosine of mean-pooled sentence embeddings.
 - NER: entity-level F1 (seqeval / conlleval) per dataset, on the test split when every model has test
   scores for that dataset, else on dev; two decimals, as the original release reported them.
 - "% of teacher": student / teacher on the row's headline number (GLUE Score, XNLI Avg, SQuAD F1; for NER
@@ -223,6 +224,23 @@ def ner_section(models):
     return ["### NER (entity-level F1)\n\n" + table(header, rows)]
 
 
+def sts_task_values(results):
+    """run_sts.py's bi-encoder [Pearson, Spearman] (x100), or None when there are no results."""
+    result = results.get(("sts", "stsb"))
+    if result is None:
+        return None
+    return [100.0 * result["median"][name] for name in ("pearson", "spearmanr")]
+
+
+def sts_section(models):
+    values = [sts_task_values(results) for _, results in models]
+    if not any(values):
+        return []
+    rows = [[name, MISSING if v is None else "/".join(f"{x:.1f}" for x in v)] for (name, _), v in zip(models, values)]
+    return ["### STS-B bi-encoder (dev, mean-pooled cosine)\n\n"
+            + table(["Model", "STS-B bi-encoder (Pearson/Spearman)"], rows)]
+
+
 def perplexity_section(models):
     rows = []
     for name, results in models:
@@ -240,7 +258,8 @@ def render_tables(student, teacher=None, student_name="Student", teacher_name="T
     sections = []
     if any(bench == "glue" for _, results in models for bench, _ in results):
         sections.append(glue_section(models))
-    sections += xnli_sections(models) + squad_sections(models) + ner_section(models) + perplexity_section(models)
+    sections += xnli_sections(models) + squad_sections(models) + ner_section(models) + sts_section(models)
+    sections += perplexity_section(models)
     if not sections:
         raise ValueError("No results to tabulate: pass results_*.json files or folders holding them.")
     return "\n\n".join(sections) + "\n"

@@ -198,6 +198,29 @@ def test_a_top_k_cache_trains_the_renormalised_kl(mlm_top8_cache, tmp_path, capl
     assert f"top 8 logits hold on average only {100 * mass:.0f}%" in caplog.text
 
 
+
+def test_the_student_head_projects_only_the_masked_rows(mlm_top8_cache, tmp_path, monkeypatch):
+    """From a top-k cache, a masked-LM student's head runs on the masked rows only (L_ce and L_mlm read nothing
+    else), and the training equals the one where the head projects every token."""
+    tok = tiny.bert_tokenizer()
+    student, projected = mlm_student(), []
+    student.get_output_embeddings().register_forward_hook(lambda module, args, out: projected.append(args[0].shape))
+    weights = dict(alpha_ce=5.0, alpha_mlm=2.0, restrict_ce_to_mask=True)  # the top-8 cache holds no hidden states
+    rows = train(tmp_path / "rows", student, steps=1, teacher_cache=mlm_top8_cache, processing_class=tok, **weights)
+    assert rows[2]._cache.rows_only
+    masked = sum(sum(label != -100 for label in labels) for labels in mlm_top8_cache.epoch(0)["labels"])
+    width = student.config.dim
+    # The forward passes the features through ([B, L, D]), then the head projects the masked rows alone.
+    assert [s for s in projected if len(s) == 2] == [torch.Size([masked, width])]
+
+    from distil_trainer.teacher_cache import training
+    monkeypatch.setattr(training, "_projects_its_own_head", lambda student, args: False)
+    every_token = train(tmp_path / "all", mlm_student(), steps=1, teacher_cache=mlm_top8_cache,
+                        processing_class=tok, **weights)
+    assert not every_token[2]._cache.rows_only
+    assert_same_training(every_token, rows, ("loss", "loss_ce", "loss_mlm", "teacher_agreement"))
+
+
 def resume_trainer(cache, out, max_steps):
     args = DistillationArguments(output_dir=str(out), report_to=[], use_cpu=True, max_steps=max_steps, save_steps=6,
                                  per_device_train_batch_size=4, learning_rate=1e-2, lr_scheduler_type="constant",

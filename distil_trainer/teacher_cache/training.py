@@ -1,10 +1,14 @@
 """What `DistillationTrainer(teacher_cache=...)` needs of a teacher-output cache: the checks run before any compute,
-the default dataset and collator, the columns to keep, and the teacher outputs of a batch."""
+the default dataset and collator, the columns to keep, the teacher outputs of a batch, and a masked-LM student's
+head terms on the rows they read."""
 
+import dataclasses
 import logging
 import os
 
-from ..model_utils import LM_HEADS, head_kind, hidden_size, unwrap, vocab_size
+from .. import losses
+from ..checks import check_chunked_head
+from ..model_utils import LM_HEADS, MASKED_LM, head_kind, hidden_size, unwrap, vocab_size
 from .collator import CACHED_MASK_KEY, HIDDEN_PREFIX, CachedTeacherCollator
 from .epochs import CacheEpochCallback, CachedEpochsDataset
 from .outputs import cached_teacher_output, topk_kl_sums
@@ -58,6 +62,10 @@ class CacheTraining:
         student_vocab = vocab_size(student) if self.is_lm else None
         # Logit terms compare the cache's vocabulary range; a student padded wider is cut to it.
         self.shared_vocab = self.vocab_size if self.is_lm and student_vocab > self.vocab_size else None
+        # A masked-LM student's L_ce (top-k) and L_mlm read its logits only at the masked and cached positions:
+        # projecting those rows alone skips most of the [tokens x vocab] head, the larger part of a small student's
+        # step. The trainer turns it off where the head is sharded (FSDP, ZeRO-3).
+        self.rows_only = not self.dense and "mse" not in weights and _projects_its_own_head(student, args)
 
     def _check_student(self, student, args):
         student_head = head_kind(student)
@@ -96,6 +104,33 @@ class CacheTraining:
 
     def topk_sums(self, student_logits, teacher_out, temperature, mask):
         return topk_kl_sums(student_logits, teacher_out, temperature, mask, self.shared_vocab)
+
+    def row_head_sums(self, student, features, teacher_out, labels, kl_mask, weights, temperature):
+        """({"ce", "mlm": sums}, agreement) with the student's LM head run only on the rows the terms read.
+
+        `features`: [B, L, D], what the head projects (a forward under `chunked_head.features_only`); `kl_mask`:
+        [B, L], the positions of L_ce; `labels`: [B, L], those of L_mlm (-100 elsewhere)."""
+        rows = kl_mask | (labels != -100) if labels is not None else kl_mask
+        logits = unwrap(student).get_output_embeddings()(features[rows])  # [rows, V]
+        sums, agreement = {}, None
+        if "ce" in weights and teacher_out.topk_ids is not None:
+            teacher_rows = dataclasses.replace(teacher_out, topk_ids=teacher_out.topk_ids[rows],
+                                               topk_logits=teacher_out.topk_logits[rows])
+            sums, agreement = self.topk_sums(logits, teacher_rows, temperature, kl_mask[rows])
+        if "mlm" in weights:
+            sums["mlm"] = losses.masked_lm_loss(logits, labels[rows], reduction="sum")
+        return sums, agreement
+
+
+def _projects_its_own_head(student, args):
+    """A masked LM whose logits are its output embedding applied to the features its forward passes it."""
+    if head_kind(student) != MASKED_LM:
+        return False
+    try:
+        check_chunked_head(student, student, args)  # the conditions of projecting the head's features outside it
+    except ValueError:
+        return False
+    return True
 
 
 def _check_arguments(args, identity, is_lm):
