@@ -29,41 +29,53 @@ def test_smoke_run_with_two_seeds_shares_the_teacher_and_aggregates(tmp_path, ca
     mini_repro = load_script()
     out = tmp_path / "mini"
     seeds = (56, 57)
-    result = mini_repro.main(["--smoke", "--output_dir", str(out), "--glue_dir", str(GLUE), "--seeds", "56,57"])
+    result = mini_repro.main(["--smoke", "--output_dir", str(out), "--glue_dir", str(GLUE), "--seeds", "56,57",
+                              "--tasks", "sst2,stsb_bi"])
     printed = capsys.readouterr().out
 
     markdown = (out / "tables.md").read_text()
     assert markdown == result["markdown"] and markdown in printed
     glue_part, ablation_part = markdown.split("## Ablation")
     lines = [line for line in glue_part.splitlines() if line.startswith("| ")]
-    assert lines[0] == ("| Model | Score (mean ± std) | Score range | SST-2 (acc) | % of teacher | "
-                        "STS-B zero-shot (Spearman) |")
+    assert lines[0] == ("| Model | Score (mean ± std) | Score range | SST-2 (acc) | "
+                        "STS-B bi-encoder (Pearson/Spearman) | % of teacher | STS-B zero-shot (Spearman) |")
     rows = {line.split(" | ")[0][2:]: line[:-2].split(" | ")[1:] for line in lines[1:]}
     keys = [("teacher", mini_repro.TEACHER_LABEL), ("extracted", mini_repro.EXTRACTED_LABEL)] + [
         (k, label) for k, label, *_ in mini_repro.VARIANTS]
     assert list(rows) == [label for _, label in keys]
 
-    # Each model's SST-2 dev accuracy per seed, from its results file; the cells are their mean, sample standard
-    # deviation and range, computed here by hand.
-    def accuracy(key, seed):
-        results = json.loads((out / "glue" / f"seed-{seed}" / key / "sst2" / "results_glue_sst2.json").read_text())
-        assert results["num_train_examples"] == 16 and results["num_eval_examples"] == {"dev": 32}
-        assert results["seeds"] == [seed]
-        return 100.0 * results["median"]["accuracy"]
+    # Each model's SST-2 dev accuracy and STS-B bi-encoder Pearson/Spearman per seed, from its results files; the
+    # score is their mean (STS-B: the mean of its two), the cells its mean, sample standard deviation and range,
+    # computed here by hand.
+    def read_results(key, seed, task, name):
+        found = json.loads((out / "glue" / f"seed-{seed}" / key / task / name).read_text())
+        assert found["num_train_examples"] == 16 and found["num_eval_examples"] == {"dev": 32}
+        assert found["seeds"] == [seed]
+        return {k: 100.0 * v for k, v in found["median"].items()}
+
+    def stsb_bi(key, seed):
+        found = read_results(key, seed, "stsb_bi", "results_sts_stsb.json")
+        return found["pearson"], found["spearmanr"]
+
+    def macro_score(key, seed):
+        return (read_results(key, seed, "sst2", "results_glue_sst2.json")["accuracy"] + sum(stsb_bi(key, seed)) / 2) / 2
 
     def mean_std(a, b):
         mean = (a + b) / 2
         return mean, (((a - mean) ** 2 + (b - mean) ** 2) / (2 - 1)) ** 0.5
 
-    teacher_mean, _ = mean_std(*(accuracy("teacher", s) for s in seeds))
+    teacher_mean, _ = mean_std(*(macro_score("teacher", s) for s in seeds))
     for key, label in keys:
-        a, b = (accuracy(key, s) for s in seeds)
+        a, b = (macro_score(key, s) for s in seeds)
         mean, std = mean_std(a, b)
-        score, extent, task, percent, _ = rows[label]
+        score, extent, sst2, sts, percent, _ = rows[label]
         got_mean, got_std = (float(x) for x in score.split(" ± "))
         assert (got_mean, got_std) == (pytest.approx(mean, abs=0.051), pytest.approx(std, abs=0.051))
         assert [float(x) for x in extent.split(" to ")] == pytest.approx([min(a, b), max(a, b)], abs=0.051)
-        assert float(task) == pytest.approx(mean, abs=0.051)
+        sst2_mean = sum(read_results(key, s, "sst2", "results_glue_sst2.json")["accuracy"] for s in seeds) / 2
+        assert float(sst2) == pytest.approx(sst2_mean, abs=0.051)
+        pearsons, spearmans = zip(*(stsb_bi(key, s) for s in seeds))
+        assert [float(x) for x in sts.split("/")] == pytest.approx([sum(pearsons) / 2, sum(spearmans) / 2], abs=0.051)
         assert float(percent) == pytest.approx(100.0 * mean / teacher_mean, abs=0.051)
 
     # STS-B zero-shot, recomputed here: Spearman of the mean-pooled cosine over the first 32 dev pairs, for the
@@ -71,9 +83,9 @@ def test_smoke_run_with_two_seeds_shares_the_teacher_and_aggregates(tmp_path, ca
     stsb = [line.split("\t") for line in (GLUE / "STS-B" / "dev.tsv").read_text().splitlines()[1:33]]
     teacher_dir = json.loads((out / "distil" / "seed-56" / "triple" / "student" / "config.json").read_text())[
         "distillation"]["teacher"]
-    assert rows[mini_repro.TEACHER_LABEL][4].split(" ± ")[0] == f"{zero_shot(teacher_dir, stsb):.1f}"
+    assert rows[mini_repro.TEACHER_LABEL][5].split(" ± ")[0] == f"{zero_shot(teacher_dir, stsb):.1f}"
     mean, std = mean_std(*(zero_shot(out / "distil" / f"seed-{s}" / "triple" / "student", stsb) for s in seeds))
-    got_mean, got_std = (float(x) for x in rows["3L student, triple loss"][4].split(" ± "))
+    got_mean, got_std = (float(x) for x in rows["3L student, triple loss"][5].split(" ± "))
     assert (got_mean, got_std) == (pytest.approx(mean, abs=0.051), pytest.approx(std, abs=0.051))
 
     # Ablation: the variant minus the triple-loss student of the same seed, mean ± std over the seeds; last, the
@@ -81,7 +93,7 @@ def test_smoke_run_with_two_seeds_shares_the_teacher_and_aggregates(tmp_path, ca
     ablation = [line for line in ablation_part.splitlines() if line.startswith("| ")][1:]
     assert len(ablation) == 5
     for line, key in zip(ablation, ("no_ce", "no_cos", "no_mlm", "random_init", "extracted")):
-        diffs = [accuracy(key, s) - accuracy("triple", s) for s in seeds]
+        diffs = [macro_score(key, s) - macro_score("triple", s) for s in seeds]
         mean, std = mean_std(*diffs)
         cell = line.split(" | ")[1]
         got_mean, got_std = (float(x) for x in cell.split(" ± "))
@@ -110,6 +122,8 @@ def test_smoke_run_with_two_seeds_shares_the_teacher_and_aggregates(tmp_path, ca
                 assert not (run / "teacher_mlm_head").exists()
                 config = json.loads((run / "student" / "config.json").read_text())
                 assert config["distillation"]["teacher"] == str(head)
+            config = json.loads((run / "student" / "config.json").read_text())
+            assert config["distillation"]["teacher_layers"] == [0, 3, 5]  # the teacher's first and last layers
         assert json.loads((out / "distil" / f"seed-{seed}" / "random_init" / "student_init" / "config.json")
                           .read_text())["distillation"]["student_init"] == "random"
     assert set(result["timings"]) >= {"total", "GLUE seed 56 teacher", "GLUE seed 57 teacher"}
