@@ -65,6 +65,8 @@ def timed_step(trainer, student, batch, rows_only):
 def main(argv=None):
     import tempfile
 
+    import torch
+
     args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, student = make_trainer(args, tmp)
@@ -81,8 +83,7 @@ def main(argv=None):
             worst = max(worst, abs(rows_loss - all_loss) / max(abs(all_loss), 1e-12))
     rows, every = statistics.median(seconds[True]), statistics.median(seconds[False])
     shapes = sorted({tuple(b["input_ids"].shape) for b in batches})
-    threads = __import__("torch").get_num_threads()
-    print(f"batches {len(batches)} x {args.rounds} rounds, shapes {shapes}, threads {threads}")
+    print(f"batches {len(batches)} x {args.rounds} rounds, shapes {shapes}, threads {torch.get_num_threads()}")
     print(f"loss agreement: largest relative difference {worst:.2e}")
     print(f"head on the masked rows: {rows:.3f} s/step (median)")
     print(f"head on every token:     {every:.3f} s/step (median)")

@@ -257,12 +257,13 @@ def load_metric(name, config_name=None):
 
 
 def classification_metrics(metric, regression=False):
-    """`compute_metrics` for Trainer: argmax of the logits (or the single regression output) vs the labels."""
+    """`compute_metrics` for Trainer: argmax of the logits (or the single regression output, [N, 1] or [N]) vs the
+    labels."""
     import numpy as np
 
     def compute_metrics(eval_pred):
         logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-        predictions = logits.squeeze(-1) if regression else np.argmax(logits, axis=-1)
+        predictions = logits.reshape(len(logits)) if regression else np.argmax(logits, axis=-1)
         return metric.compute(predictions=predictions, references=eval_pred.label_ids)
 
     return compute_metrics

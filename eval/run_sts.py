@@ -84,13 +84,6 @@ class PairCollator:
         return batch
 
 
-def correlation_metrics(metric):
-    def compute_metrics(eval_pred):
-        return metric.compute(predictions=eval_pred.predictions, references=eval_pred.label_ids)
-
-    return compute_metrics
-
-
 def main(argv=None):
     model_args, data_args, run_args, training_args = common.parse_args(
         (common.ModelArguments, StsDataArguments, common.RunArguments), argv)
@@ -113,7 +106,7 @@ def main(argv=None):
     raw["dev"] = common.take_first(raw["dev"], run_args.max_eval_samples)
     tokenizer = common.load_tokenizer(model_args)
     encoded = {split: tokenize(ds, tokenizer, data_args.max_seq_length) for split, ds in raw.items()}
-    compute_metrics = correlation_metrics(common.load_metric("glue", "stsb"))
+    compute_metrics = common.classification_metrics(common.load_metric("glue", "stsb"), regression=True)
     print(f"STS-B bi-encoder: {len(raw.get('train', []))} training pairs, {len(raw['dev'])} dev", flush=True)
 
     def run_one(seed):

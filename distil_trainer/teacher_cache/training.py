@@ -113,7 +113,7 @@ class CacheTraining:
         rows = kl_mask | (labels != -100) if labels is not None else kl_mask
         logits = unwrap(student).get_output_embeddings()(features[rows])  # [rows, V]
         sums, agreement = {}, None
-        if "ce" in weights and teacher_out.topk_ids is not None:
+        if "ce" in weights:
             teacher_rows = dataclasses.replace(teacher_out, topk_ids=teacher_out.topk_ids[rows],
                                                topk_logits=teacher_out.topk_logits[rows])
             sums, agreement = self.topk_sums(logits, teacher_rows, temperature, kl_mask[rows])
