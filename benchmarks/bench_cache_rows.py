@@ -1,5 +1,6 @@
-"""Step time of a masked-LM student trained from a teacher-output cache, its LM head run on the masked rows only (what
-`DistillationTrainer` does from a top-k cache) against the head over every token, on the same batches.
+"""Step time of a masked-LM student trained from a teacher-output cache, its LM head run on the masked rows only (the
+fused head path, what `DistillationTrainer` does by default) against full logits over every token
+(`logits_chunk_size=0`), on the same batches.
 
     python benchmarks/bench_cache_rows.py --teacher_cache runs/mini_repro/teacher_cache/seed-56 \
         --student runs/mini_repro/distil/seed-56/triple/student_init
@@ -44,16 +45,17 @@ def make_trainer(args, output_dir):
         train_sampling_strategy="group_by_length", **weights)
     trainer = DistillationTrainer(model=student, args=training_args, teacher_cache=args.teacher_cache,
                                   processing_class=AutoTokenizer.from_pretrained(args.student))
-    if not trainer._cache.rows_only:
+    if trainer._chunk_size is None:
         raise ValueError(f"{args.student} with {args.teacher_cache}: the trainer projects every token anyway "
-                         "(a dense cache, L_mse, or a head it cannot run on rows); nothing to compare.")
+                         "(a head the fused path cannot project); nothing to compare.")
     return trainer, student
 
 
-def timed_step(trainer, student, batch, rows_only):
+def timed_step(trainer, student, batch, chunk_size):
+    """(seconds, loss) of one forward, loss and backward; chunk_size None: full logits."""
     import torch
 
-    trainer._cache.rows_only = rows_only
+    trainer._chunk_size = chunk_size
     torch.manual_seed(0)  # the same dropout masks both ways
     start = time.perf_counter()
     loss = trainer.compute_loss(student, dict(batch))
@@ -74,10 +76,11 @@ def main(argv=None):
     student.train()
     seconds = {True: [], False: []}
     worst = 0.0
+    fused_chunk = trainer._chunk_size
     for _ in range(args.rounds):
         for batch in batches:
             (rows_time, rows_loss), (all_time, all_loss) = (timed_step(trainer, student, batch, mode)
-                                                            for mode in (True, False))
+                                                            for mode in (fused_chunk, None))
             seconds[True].append(rows_time)
             seconds[False].append(all_time)
             worst = max(worst, abs(rows_loss - all_loss) / max(abs(all_loss), 1e-12))

@@ -1,4 +1,4 @@
-"""Peak memory and step time of the LM-head loss: full logits (direct) vs `logits_chunk_size` (fused), on CPU.
+"""Peak memory and step time of the LM-head loss: full logits (direct) vs the fused head path (fused), on CPU.
 
     nice python benchmarks/bench_chunked_head.py --vocabs 49152,151936 --hidden 576 --batch 2 --seq 512 --chunk 128
 
@@ -9,12 +9,11 @@ What one step is: the forward and backward pass of the LM-head terms from the tw
   trainer computes them for a causal-LM student with `alpha_ce` and `alpha_clm`.
   direct = both heads project every position (`[tokens x vocab]` logits of each model, as the models' forward
   returns them), then `losses.soft_target_divergence` and `F.cross_entropy`;
-  fused = `losses.fused_head_terms` (what the trainer runs under `logits_chunk_size`: each chunk's gradient is
-  computed in the forward, nothing is recomputed); checkpointed (`--variants`) = `losses.chunked_head_terms`,
-  which recomputes each chunk in the backward under activation checkpointing (the trainer's path before).
+  fused = `fused_head.fused_head_terms` (what the trainer runs by default for LM students: each chunk's gradient
+  is computed in the forward, nothing is recomputed).
 - `mlm`: `restrict_ce_to_mask` with a masked-LM student: L_ce and the MLM loss only at the masked positions
   (`--mask_fraction`, 15%). direct = full logits of every position (what a masked-LM forward returns), then the
-  terms at the masked positions; fused/checkpointed project only the masked positions.
+  terms at the masked positions; fused projects only the masked positions.
 All variants must give the same loss (checked, printed as `sanity`).
 
 How peak memory is measured (torch has no allocator statistics on CPU, and tracemalloc does not see its tensors):
@@ -82,24 +81,21 @@ def loss_step(variant, inputs, chunk, temperature=2.0):
     import torch.nn.functional as F
 
     from distil_trainer import losses
+    from distil_trainer.fused_head import TeacherRows, fused_head_terms
 
     student_head, teacher_head, h_s, h_t, kl_mask, targets = inputs
     if variant == "fused":  # the coefficients (1 / item count) are known before the forward, as in the trainer
         coefs = {"ce": 1.0 / kl_mask.sum().item(), "lm": 1.0 / (targets != -100).sum().item()}
-        loss, _ = losses.fused_head_terms(h_s, h_t, student_head.weight, student_head.bias, teacher_head, temperature,
-                                          coefs, kl_mask=kl_mask, targets=targets, chunk_size=chunk)
+        loss, _ = fused_head_terms(h_s, TeacherRows(features=h_t, head=teacher_head), student_head.weight,
+                                   student_head.bias, temperature, coefs, kl_mask=kl_mask, targets=targets,
+                                   chunk_size=chunk)
         loss.backward()
         return loss.item()
-    if variant == "direct":
-        s_logits = student_head(h_s)
-        with torch.no_grad():
-            t_logits = teacher_head(h_t)
-        ce = losses.soft_target_divergence(s_logits, t_logits, temperature, mask=kl_mask, reduction="sum")
-        lm = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-    else:  # checkpointed
-        got = losses.chunked_head_terms(h_s, h_t, student_head, teacher_head, temperature, kl_mask=kl_mask,
-                                        targets=targets, chunk_size=chunk, terms=("ce", "lm"))
-        ce, lm = got["ce"], got["lm"]
+    s_logits = student_head(h_s)
+    with torch.no_grad():
+        t_logits = teacher_head(h_t)
+    ce = losses.soft_target_divergence(s_logits, t_logits, temperature, mask=kl_mask, reduction="sum")
+    lm = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
     loss = ce / kl_mask.sum() + lm / (targets != -100).sum()
     loss.backward()
     return loss.item()
@@ -151,9 +147,9 @@ def parse(argv):
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--chunk", type=int, default=128, help="logits_chunk_size of the chunked paths")
-    p.add_argument("--variants", default="direct,fused", help="direct, fused and/or checkpointed; the first is the "
-                                                               "reference of the ratios")
+    p.add_argument("--chunk", type=int, default=128, help="rows per chunk of the fused path")
+    p.add_argument("--variants", default="direct,fused", help="direct and/or fused; the first is the reference of "
+                                                               "the ratios")
     p.add_argument("--mask_fraction", type=float, default=0.15)
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
     p.add_argument("--threads", type=int, default=1)

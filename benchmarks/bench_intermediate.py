@@ -67,15 +67,16 @@ def load_config(path, smoke, steps, seed):
     return config
 
 
-def prepare_data(out, config):
-    """(train dataset, held-out file, tokenizer, token counts): the demo corpus split into training/held-out."""
+def prepare_data(out, config, teacher_dir=None, corpus=None):
+    """(train dataset, held-out file, tokenizer, token counts): the demo corpus (or `corpus`, one sequence per line)
+    split into training/held-out, tokenized with the demo teacher's tokenizer (or `teacher_dir`'s)."""
     from transformers import AutoTokenizer
 
     from distil_trainer.data.binarize import binarize
     from distil_trainer.data.token_counts import compute_token_counts
     from distil_trainer.pipeline.demo_inputs import demo_corpus, demo_teacher_dir
 
-    corpus = demo_corpus(out / "demo_corpus.txt")
+    corpus = Path(corpus) if corpus else demo_corpus(out / "demo_corpus.txt")
     lines = [line for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
     held = config["heldout_lines"]
     train_file, heldout_file = out / "train.txt", out / "heldout.txt"
@@ -84,7 +85,7 @@ def prepare_data(out, config):
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("\n".join(part) + "\n", encoding="utf-8")
             os.replace(tmp, path)
-    tokenizer = AutoTokenizer.from_pretrained(demo_teacher_dir())
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir or demo_teacher_dir())
     result = binarize(out / "data", tokenizer, file_path=str(train_file), max_length=config["max_length"],
                       verbose=False)
     counts = compute_token_counts(out / "data", vocab_size=len(tokenizer)).counts
@@ -98,15 +99,16 @@ def collator_for(tokenizer, counts, config, seed):
     return MaskedLMCollator(tokenizer, token_counts=counts, mlm_smoothing=config["mlm_smoothing"], seed=seed)
 
 
-def fitted_teacher(out, dataset, collator, config):
+def fitted_teacher(out, dataset, collator, config, teacher_dir=None):
+    """The demo teacher (or the BERT in `teacher_dir`) with its MLM head fitted on `dataset`, body frozen."""
     from transformers import BertForMaskedLM
 
     from distil_trainer.pipeline.demo_inputs import demo_teacher_dir
     from distil_trainer.pipeline.teacher_head import fit_mlm_head
 
-    teacher = BertForMaskedLM.from_pretrained(demo_teacher_dir()).eval()
+    teacher = BertForMaskedLM.from_pretrained(teacher_dir or demo_teacher_dir()).eval()
     steps = config["fit_teacher_mlm_head_steps"]
-    identity = {"teacher": "all-MiniLM-L6-v2", "steps": steps, "sequences": len(dataset),
+    identity = {"teacher": str(teacher_dir or "all-MiniLM-L6-v2"), "steps": steps, "sequences": len(dataset),
                 "max_length": config["max_length"], "fit": "fit_mlm_head defaults (the demo's)"}
     teacher, _ = fit_mlm_head(teacher, dataset, collator, out / "teacher", steps, identity,
                               seed=config["training"]["seed"])

@@ -15,7 +15,11 @@ Stages, all in this one process, for each seed of --seeds:
    positions, where L_ce is taken (`--restrict_ce_to_mask`: a cache ~7x smaller and faster steps than L_ce at
    every token), and its last hidden layer, masked by that seed's collator) and the other four variants, random
    init included, train from it with no teacher forward (the pipeline reuses a cache of the same identity). The seed
-   sets the MLM masks, so each seed has its own cache.
+   sets the MLM masks, so each seed has its own cache. The triple-loss settings are pinned here (TRIPLE_LOSS_ARGV).
+   Then, per seed, a student distilled on the teacher's sentence embeddings (`--distillation_objective embedding`:
+   L_embed to the shipped teacher's normalised mean-pooled embeddings of whole, unmasked sequences, no MLM head,
+   the demo's loss and learning rate) at the same steps, batch, data and length, with the teacher running (a
+   teacher-output cache holds no sentence embeddings).
 2. Score every model's embeddings with no fine-tuning (STS-B dev Spearman of the mean-pooled cosine, the figure
    all-MiniLM-L6-v2 is made for), then fine-tune the teacher, the student as extracted (no distillation) and each
    distilled student on the --tasks with the seed: by default SST-2 (eval/run_glue.py: the body + a new
@@ -66,6 +70,14 @@ VARIANTS = (
     ("random_init", "3L student, random init", "Triple loss + random weights initialisation", -3.69,
      ["--student_init", "random", "--freeze_pos_embs", "false"]),
 )
+# The triple-loss variants distil the fitted MLM head's logits; their settings are pinned here (not read from
+# demo.yaml, whose demo distils sentence embeddings), so the rows do not move when the demo is retuned.
+TRIPLE_LOSS_ARGV = ["--distillation_objective", "logits", "--alpha_ce", "5.0", "--alpha_mlm", "2.0", "--alpha_cos",
+                    "1.0", "--temperature", "2.0", "--learning_rate", "5e-4", "--alpha_embed", "0"]
+# Sentence-embedding distillation (distillation_objective embedding: L_embed to the shipped teacher's normalised
+# mean-pooled embeddings, whole unmasked sentences, no MLM head), at the triple-loss variants' compute (steps, batch,
+# data, max_length); its loss and learning rate are the demo's (demo.yaml). No teacher-output cache: the teacher runs.
+EMBED_KEY, EMBED_LABEL = "embed", "3L student, embedding distillation"
 TEACHER_KEY, TEACHER_LABEL = "teacher", "all-MiniLM-L6-v2 (teacher, 6L)"
 # The student as extracted (its teacher layers copied, no distillation step): the floor distillation must beat.
 EXTRACTED_KEY, EXTRACTED_LABEL = "extracted", "3L student, no distillation"
@@ -213,10 +225,28 @@ def variant_argv(name, overrides, out, sizes, seed, teacher, tokenizer, corpus, 
             "--card_model_name", f"all-MiniLM-L6-v2-3layer-{name}", "--disable_tqdm", "false", "--score", "false",
             # L_ce at the masked positions only (the original's --restrict_ce_to_mask): the cache then holds ~15% of
             # the positions, and the steps run at the pace RESULTS.md records; every variant is trained the same way.
-            "--restrict_ce_to_mask", "true", "--student_layers", sizes["student_layers"]]
+            "--restrict_ce_to_mask", "true", "--student_layers", sizes["student_layers"]] + TRIPLE_LOSS_ARGV
+    return argv + compute_argv(sizes) + overrides
+
+
+def compute_argv(sizes):
+    """Batch and sequence length of every distillation run (the smoke run's are tiny); no ONNX latency stage (the
+    demo's, which the mini reproduction does not report)."""
     if sizes["smoke"]:
-        argv += ["--per_device_train_batch_size", "4", "--max_length", "32", "--report", "false"]
-    return argv + overrides
+        return ["--per_device_train_batch_size", "4", "--max_length", "32", "--report", "false",
+                "--onnx_latency", "false"]
+    return ["--per_device_train_batch_size", str(BATCH), "--max_length", "128", "--onnx_latency", "false"]
+
+
+def embed_argv(out, sizes, seed, teacher, corpus):
+    """The embedding-distillation run of one seed: the shipped teacher (a sentence-transformers folder), no cache."""
+    return ["--teacher_name", str(teacher), "--file_path", str(corpus), "--data_cache_dir", str(out / "data"),
+            "--output_dir", str(out / "distil" / seed_dir(seed) / EMBED_KEY), "--seed", str(seed),
+            "--distillation_objective", "embedding", "--max_steps", str(sizes["distil_steps"]),
+            "--max_train_samples", str(sizes["distil_train_sequences"]), "--save_strategy", "no",
+            "--report_to", "none", "--logging_steps", str(max(1, sizes["distil_steps"] // 20)),
+            "--card_model_name", f"all-MiniLM-L6-v2-3layer-{EMBED_KEY}", "--disable_tqdm", "false", "--score", "false",
+            "--student_layers", sizes["student_layers"]] + compute_argv(sizes)
 
 
 def check_shared_teacher(head_dir, shipped_dir, fit_steps):
@@ -265,6 +295,12 @@ def distil_all(out, sizes, timings):
                   f"fitted for {sizes['head_fit_steps']} steps; every other run loads it (no refit)", flush=True)
         students[(seed, name)] = Path(result["student_dir"])
         _write_atomic(record_path, json.dumps(caches, indent=2) + "\n")
+    for seed in sizes["seeds"]:
+        print(f"\n===== distil: {EMBED_LABEL}, seed {seed} =====", flush=True)
+        start = time.perf_counter()
+        result = run_recipe(default_config=str(DEMO_CONFIG), argv=embed_argv(out, sizes, seed, shipped, corpus))
+        timings[f"distil seed {seed} {EMBED_KEY}"] = time.perf_counter() - start
+        students[(seed, EMBED_KEY)] = Path(result["student_dir"])
     return shipped, students
 
 
@@ -276,10 +312,44 @@ def record_cache_use(record, seed, name, result):
     if "teacher_cache" in result:
         entry["path"] = result["teacher_cache"]
         entry["runs"][name] = "built" if result["teacher_cache_built"] else "reused"
+        entry["topk_coverage"] = cache_coverage(entry["path"])
+        if result["teacher_cache_built"]:
+            print(f"teacher cache {seed_dir(seed)}: {describe_coverage(entry['topk_coverage'])}", flush=True)
     builders = [k for k, v in entry["runs"].items() if v == "built"]
     if len(builders) > 1:
         raise RuntimeError(f"seed {seed}: the teacher cache {entry['path']} was built by {builders}; the variants "
                            "must share one teacher pass.")
+
+
+def cache_coverage(path):
+    """The teacher's mean probability inside the cache's top k at the masked positions (its build's statistics), at
+    the training temperature and at T = 1."""
+    from distil_trainer.teacher_cache.store import read_manifest
+
+    manifest = read_manifest(path)
+    stats, identity = manifest["stats"], manifest["identity"]
+    return {"top_k": identity["top_k"], "temperature": stats.get("topk_mass_temperature"),
+            "mass_at_temperature": stats.get("topk_mass_mean_at_temperature"), "mass_t1": stats.get("topk_mass_mean")}
+
+
+def describe_coverage(c):
+    at_t = (f"{100 * c['mass_at_temperature']:.1f}% at the training temperature T = {c['temperature']:g}, "
+            if c.get("mass_at_temperature") is not None else "")
+    return f"its top {c['top_k']} logits hold {at_t}{100 * c['mass_t1']:.1f}% at T = 1 of the teacher's probability"
+
+
+def coverage_note(out):
+    """One sentence on the caches' top-k coverage (mean over the seeds), for the tables' note; '' without caches."""
+    path = out / CACHE_RECORD
+    found = [e["topk_coverage"] for e in json.loads(path.read_text()).values()
+             if e.get("topk_coverage")] if path.exists() else []
+    if not found or found[0]["top_k"] is None:
+        return ""
+    mean = {key: (sum(c[key] for c in found) / len(found) if all(c.get(key) is not None for c in found) else None)
+            for key in ("mass_at_temperature", "mass_t1")}
+    return (f" Top-k coverage: at the masked positions {describe_coverage({**found[0], **mean})} (mean over the "
+            f"{len(found)} cache(s)); L_ce's target is the teacher renormalised over its top k, so the rest of its "
+            "probability is not in the target.")
 
 
 # ---------------------------------------------------------------- 2. GLUE
@@ -413,10 +483,12 @@ def task_cell(per_seed):
     return "/".join(f"{sum(column) / len(column):.1f}" for column in zip(*per_seed))
 
 
-MODEL_ROWS = [(TEACHER_KEY, TEACHER_LABEL), (EXTRACTED_KEY, EXTRACTED_LABEL)] + [(k, lb) for k, lb, *_ in VARIANTS]
+MODEL_ROWS = ([(TEACHER_KEY, TEACHER_LABEL), (EXTRACTED_KEY, EXTRACTED_LABEL)] + [(k, lb) for k, lb, *_ in VARIANTS]
+              + [(EMBED_KEY, EMBED_LABEL)])
 # (key, ablation label, the paper's figure or None): the paper's four, then distillation skipped altogether.
 ABLATIONS = [(k, lb, paper) for k, _, lb, paper, _ in VARIANTS if lb] + [
-    (EXTRACTED_KEY, "No distillation (copied teacher layers only)", None)]
+    (EXTRACTED_KEY, "No distillation (copied teacher layers only)", None),
+    (EMBED_KEY, "Embedding distillation (L_embed) instead of the triple loss", None)]
 
 
 def render_tables(out, sizes, zero_shot=None):
@@ -451,7 +523,8 @@ def render_tables(out, sizes, zero_shot=None):
             "distilled for "
             f"{sizes['distil_steps']} steps x {BATCH if not sizes['smoke'] else 4} sequences on Wikipedia lead "
             f"sections, from one teacher-output cache per seed ({'all' if not k else f'the top {k}'} teacher logits "
-            "per token, the last hidden layer), built by the first variant and read by the others; GLUE: "
+            "per masked position, the last hidden layer), built by the first variant and read by the others."
+            + coverage_note(out) + " GLUE: "
             f"{sizes['glue_train_samples']} training examples per task (fixed random subset), "
             f"{sizes['glue_epochs']:g} epochs, lr {sizes['glue_lr']:g}, "
             + (f"first {sizes['glue_eval_samples']} dev examples." if sizes["glue_eval_samples"] else "full dev sets.")
@@ -468,8 +541,10 @@ def render_tables(out, sizes, zero_shot=None):
                        ablation) + "\n\n"
             "Same steps, batch and data for every variant; each variation is paired by seed (the variant's score "
             "minus the triple-loss student's of the same seed). The random-init student also trains its position "
-            "embeddings (frozen copies of the teacher's otherwise). The last row is the extracted student fine-tuned "
-            "with no distillation step at all: what distillation adds at this compute.\n")
+            "embeddings (frozen copies of the teacher's otherwise). \"No distillation\" is the extracted student "
+            "fine-tuned with no distillation step at all: what the triple loss adds at this compute. The last row "
+            "replaces the triple loss by sentence-embedding distillation (L_embed, the teacher running, no MLM head) "
+            "at the same steps, batch and data.\n")
 
 
 def main(argv=None):

@@ -19,6 +19,28 @@ class CollatorEpochCallback(TrainerCallback):
         self.collator.set_epoch(int(state.epoch or 0))
 
 
+def check_epoch_reaches_workers(args, collator, dataset):
+    """Refuse persistent DataLoader workers when the collator or the dataset reads the epoch (`set_epoch`).
+
+    The epoch callbacks set it in the main process at each epoch's start, before Trainer creates that epoch's
+    iterator: fresh workers (`dataloader_persistent_workers=False`) start from the main process's objects and see
+    it, but persistent workers keep their copies from the first epoch, so every epoch would repeat epoch 0's masks
+    (a seeded `MaskedLMCollator`) or masked copy (an MLM teacher cache's `CachedEpochsDataset`). A collator counts
+    when it has `set_epoch` (CollatorEpochCallback calls it) unless its `uses_epoch` is False; a dataset when its
+    `uses_epoch` is True."""
+    if not (args.dataloader_num_workers > 0 and args.dataloader_persistent_workers):
+        return
+    stale = [type(collator).__name__] if hasattr(collator, "set_epoch") and getattr(collator, "uses_epoch", True) \
+        else []
+    stale += [type(dataset).__name__] if getattr(dataset, "uses_epoch", False) else []
+    if stale:
+        raise ValueError(f"dataloader_persistent_workers=True with dataloader_num_workers={args.dataloader_num_workers}"
+                         f": {' and '.join(stale)} depend{'s' if len(stale) == 1 else ''} on the epoch, which "
+                         "persistent workers never learn (they keep their copy from epoch 0, so every epoch would "
+                         "reuse epoch 0's masks). Set dataloader_persistent_workers=False: the workers then restart "
+                         "at each epoch and read it (one worker start-up per epoch), or dataloader_num_workers=0.")
+
+
 class NonFiniteLossGuard(TrainerCallback):
     """Skips (or stops at) an optimizer step whose loss terms were not finite, the same way on every rank.
 

@@ -133,9 +133,9 @@ def check_output_dir(args, resume_from_checkpoint=None):
 
 
 def check_chunked_head(student, teacher, args):
-    """`logits_chunk_size` projects the models' LM-head features with their output embeddings itself: refuse
+    """The fused LM-head path projects the models' LM-head features with their output embeddings itself: refuse
     models where that would not give their logits, naming the model and the fix."""
-    fix = "set logits_chunk_size=None to compute the terms from full logits."
+    fix = "set logits_chunk_size=0 to compute the terms from full logits."
     if head_kind(student) not in LM_HEADS:
         raise ValueError(f"logits_chunk_size={args.logits_chunk_size} needs a causal-LM or masked-LM student, but the "
                          f"student is {_name(student)}; {fix}")

@@ -1,19 +1,49 @@
-"""`logits_chunk_size` in training: the LM-head terms from the features the heads project, a chunk at a time.
+"""The fused LM-head path of training: how each model's forward hands over its LM head's features instead of
+logits, whether the path applies, and the weighted head terms from those features (`fused_head`).
 
-Each model's forward runs with its LM head (output embedding) passed through (`features_only`), so the forward's
-`logits` are the [..., D] features the head would project and no [tokens x vocab] tensor is built, for causal and
-masked LMs alike (a masked-LM head's transform, dense + norm, still runs: it is not vocabulary-sized). The loss then
-projects only the positions a term reads with `losses.fused_head_terms`, which computes each chunk's gradient in
-the forward pass. The item counts of the optimizer step are known before the forward, so the per-term
-coefficients (weight / count) are too.
+It is the default for masked- and causal-LM students in training (`logits_chunk_size=None`: a chunk size chosen from
+the vocabulary): each model's forward runs with its output embedding passed through (`features_only`), so no
+[tokens x vocab] tensor is built, and the loss projects only the positions a term reads, a chunk at a time, with the
+teacher's logits from its own head or from a teacher-output cache. Full logits stay for evaluation, task heads,
+FSDP / DeepSpeed ZeRO-3 (which hold only a shard of each head outside the forward), heads that rescale their logits,
+and `logits_chunk_size=0`.
 """
 
 import contextlib
+import logging
 
 import torch
 
-from . import losses
-from .model_utils import CAUSAL_LM, head_kind, unwrap
+from .checks import check_chunked_head
+from .fused_head import TeacherRows, auto_chunk_size, fused_head_terms
+from .model_utils import CAUSAL_LM, LM_HEADS, head_kind, unwrap, vocab_size
+
+logger = logging.getLogger(__name__)
+_HEAD_TERMS = ("ce", "mse", "mlm", "clm")
+
+
+def training_chunk_size(student, teacher, args, sharded, device_type):
+    """Rows per chunk of the fused LM-head loss in training, or None for full logits.
+
+    `teacher`: the teacher model, or None when its outputs come from a cache; `sharded`: FSDP or ZeRO-3 (the heads
+    are shards outside the forward). An explicit `logits_chunk_size` where the path cannot apply is refused; the
+    default (None) falls back to full logits there, saying why."""
+    setting = args.logits_chunk_size
+    if setting == 0 or not any(t in args.loss_weights for t in _HEAD_TERMS):
+        return None
+    if setting is None and head_kind(student) not in LM_HEADS:
+        return None
+    try:
+        if sharded:
+            raise ValueError("FSDP and DeepSpeed ZeRO-3 hold only a shard of each LM head outside the models' "
+                             "forward; use DDP or ZeRO-1/2, or set logits_chunk_size=0.")
+        check_chunked_head(student, student if teacher is None else teacher, args)
+    except ValueError as err:
+        if setting is not None:
+            raise
+        logger.info("LM-head terms from full logits: %s", err)
+        return None
+    return setting or auto_chunk_size(vocab_size(student), device_type)
 
 
 def _passing_through(head):
@@ -56,12 +86,14 @@ def head_features(model, output):
     return features
 
 
-def head_loss(student, teacher, student_out, teacher_out, labels, kl_mask, coefficients, args, shared_vocab):
+def head_loss(student, teacher, student_out, teacher_rows, labels, kl_mask, coefficients, args, shared_vocab,
+              chunk_size):
     """(loss, {"ce", "mse", "clm"/"mlm": detached sums}, agreement or None) of the weighted LM-head terms.
 
-    `coefficients`: {term: weight x scale / item count of the step} for the terms to compute ("ce", "mse",
-    "clm" or "mlm"); `kl_mask` selects the positions of L_ce/L_mse; `labels` those of the LM loss (shifted by one
-    for a causal LM: the logits at t are scored on the token at t + 1).
+    `teacher_rows`: the teacher's `TeacherRows` (its head on its features, or a cache's logits), or None when no
+    teacher term is weighted; `coefficients`: {term: weight x scale / item count of the step} for the terms to
+    compute ("ce", "mse", "clm" or "mlm"); `kl_mask` selects the positions of L_ce/L_mse; `labels` those of the LM
+    loss (shifted by one for a causal LM: the logits at t are scored on the token at t + 1).
     """
     lm_term = "clm" if head_kind(student) == CAUSAL_LM else "mlm"
     targets = None
@@ -69,16 +101,16 @@ def head_loss(student, teacher, student_out, teacher_out, labels, kl_mask, coeff
         targets = labels
         if lm_term == "clm":
             targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-    has_teacher = teacher_out is not None and ("ce" in coefficients or "mse" in coefficients)
-    if not has_teacher:
-        kl_mask = torch.zeros_like(kl_mask)
     head = unwrap(student).get_output_embeddings()
     coefs = {("lm" if k == lm_term else k): c for k, c in coefficients.items()}
-    loss, sums = losses.fused_head_terms(
-        head_features(student, student_out), head_features(teacher, teacher_out) if has_teacher else None,
-        head.weight, head.bias, unwrap(teacher).get_output_embeddings() if has_teacher else None,
-        args.temperature, coefs, kl_mask=kl_mask, targets=targets, chunk_size=args.logits_chunk_size,
-        vocab=shared_vocab, divergence=args.divergence, jsd_beta=args.jsd_beta)
+    loss, sums = fused_head_terms(head_features(student, student_out), teacher_rows, head.weight, head.bias,
+                                  args.temperature, coefs, kl_mask=kl_mask, targets=targets, chunk_size=chunk_size,
+                                  vocab=shared_vocab, divergence=args.divergence, jsd_beta=args.jsd_beta)
     named = {k: sums["lm" if k == lm_term else k] for k in coefficients}
-    agreement = (sums["agree"], kl_mask.sum()) if has_teacher else None
+    agreement = (sums["agree"], kl_mask.sum()) if teacher_rows is not None else None
     return loss, named, agreement
+
+
+def online_teacher_rows(teacher, teacher_out):
+    """The teacher's `TeacherRows` from a forward run under `features_only`: its own head on its features."""
+    return TeacherRows(features=head_features(teacher, teacher_out), head=unwrap(teacher).get_output_embeddings())

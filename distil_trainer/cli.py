@@ -15,6 +15,8 @@ COMMANDS = {
     "extract": ("distil_trainer.commands.extract", "Initialise a student from selected teacher layers."),
     "cache-teacher": ("distil_trainer.commands.cache_teacher",
                       "Run a teacher once over a binarized dataset and cache its outputs for training."),
+    "export": ("distil_trainer.commands.export",
+               "Export a saved student to ONNX (checked against PyTorch in ONNX Runtime; optional int8)."),
 }
 
 

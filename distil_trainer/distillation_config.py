@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 LOSS_WEIGHT_NAMES = ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos", "alpha_task",
-                     "alpha_hidden", "alpha_attn", "alpha_relation")
+                     "alpha_hidden", "alpha_attn", "alpha_relation", "alpha_embed", "alpha_embed_relation")
 # The Distil* optimisation set-up (Sanh et al., 2019 and the original training command): the defaults of
 # DistillationArguments. The recipes' YAML files spell out the same values.
 DISTIL_OPTIMIZATION = {"learning_rate": 5e-4, "adam_beta1": 0.9, "adam_beta2": 0.98, "adam_epsilon": 1e-6,
@@ -79,11 +79,12 @@ class DistillationArguments(TrainingArguments):
     )
     logits_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Causal- and masked-LM students: compute L_ce, L_mse, L_clm/L_mlm and the agreement from "
-                          "the features the LM heads project, projecting this many positions (only those a term "
-                          "reads) to the vocabulary at a time (teacher and student), with each chunk's gradient "
-                          "taken in the forward, so no full [tokens x vocab] logit tensor exists in training. None: "
-                          "from the full logits."},
+        metadata={"help": "Causal- and masked-LM students, in training: L_ce, L_mse, L_clm/L_mlm and the agreement are "
+                          "computed from the features the LM heads project, projecting this many positions (only "
+                          "those a term reads) to the vocabulary at a time (teacher and student), with each chunk's "
+                          "gradient taken in the forward, so no full [tokens x vocab] logit tensor exists. None (the "
+                          "default): a size chosen from the vocabulary, and full logits where the path cannot apply "
+                          "(FSDP, ZeRO-3, heads that rescale their logits); 0: always full logits."},
     )
     restrict_ce_to_mask: bool = field(
         default=False, metadata={"help": "Compute L_ce/L_mse only at masked (MLM label) positions."}
@@ -138,6 +139,42 @@ class DistillationArguments(TrainingArguments):
                                         "default: the last. MiniLMv2 used an upper-middle layer for large teachers."}
     )
 
+    # ---- sentence-embedding terms (sentence-transformers' distillation); see embedding.py ----
+    alpha_embed: float = field(
+        default=0.0, metadata={"help": "Weight of the distance between teacher and student sentence embeddings "
+                                       "(L_embed), pooled the teacher's way (embed_pooling)."}
+    )
+    embed_loss: str = field(
+        default="mse", metadata={"help": "Distance of L_embed per sentence: 'mse' (mean over the teacher's width of "
+                                         "the squared difference: sentence-transformers' MSELoss) or 'cosine' "
+                                         "(1 - cos).", "choices": ["mse", "cosine"]}
+    )
+    alpha_embed_relation: float = field(
+        default=0.0, metadata={"help": "Weight of the in-batch relational term (L_embed_relation): KL between the "
+                                       "teacher's and the student's rows of the batch's cosine-similarity matrix."}
+    )
+    embed_relation_temperature: float = field(
+        default=0.05, metadata={"help": "Temperature dividing the cosine similarities of L_embed_relation."}
+    )
+    embed_pooling: str | None = field(
+        default=None, metadata={"help": "Pooling of the sentence embeddings: 'mean', 'cls' or 'lasttoken'. Default: "
+                                        "the teacher's sentence-transformers folder (modules.json) when it has one, "
+                                        "else mean.", "choices": ["mean", "cls", "lasttoken"]}
+    )
+    embed_normalize: bool | None = field(
+        default=None, metadata={"help": "L2-normalise the sentence embeddings. Default: as the teacher's "
+                                        "sentence-transformers folder says (a Normalize module), else no."}
+    )
+    embed_projection_init: str = field(
+        default="random", metadata={"help": "When the widths differ, L_embed projects the student's embedding with a "
+                                            "learned linear map: 'random' (seeded) or 'pca' (the mean and top principal "
+                                            "directions of the teacher's embeddings of the first embed_pca_samples "
+                                            "training sentences).", "choices": ["random", "pca"]}
+    )
+    embed_pca_samples: int = field(
+        default=2048, metadata={"help": "Training sentences embedded by the teacher for embed_projection_init='pca'."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
         for name in LOSS_WEIGHT_NAMES:
@@ -157,6 +194,7 @@ class DistillationArguments(TrainingArguments):
                 "masked LM (set alpha_clm=0) or a causal LM (set alpha_mlm=0)."
             )
         self._check_intermediate_terms()
+        self._check_embedding_terms()
         self._check_divergence()
         self._check_on_policy()
         if self.nonfinite_loss not in ("skip", "stop"):
@@ -171,8 +209,9 @@ class DistillationArguments(TrainingArguments):
 
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence={self.divergence!r}; use one of {', '.join(DIVERGENCES)}.")
-        if self.logits_chunk_size is not None and self.logits_chunk_size < 1:
-            raise ValueError(f"logits_chunk_size={self.logits_chunk_size} must be >= 1 (or None for full logits).")
+        if self.logits_chunk_size is not None and self.logits_chunk_size < 0:
+            raise ValueError(f"logits_chunk_size={self.logits_chunk_size} must be >= 1 rows per chunk, 0 for full "
+                             "logits, or None to choose the size from the vocabulary.")
         if not 0 <= self.jsd_beta <= 1:
             raise ValueError(f"jsd_beta={self.jsd_beta} must be in [0, 1] (0: forward KL, 1: reverse KL, GKD used "
                              "0.1 to 0.9).")
@@ -198,6 +237,21 @@ class DistillationArguments(TrainingArguments):
         if self.relation_teacher_layer is not None and self.relation_teacher_layer < 1:
             raise ValueError(f"relation_teacher_layer={self.relation_teacher_layer}: teacher layers are numbered "
                              "from 1 (the embeddings, 0, have no attention).")
+
+    def _check_embedding_terms(self):
+        from .losses import EMBEDDING_DISTANCES, POOLING_MODES
+
+        if self.embed_loss not in EMBEDDING_DISTANCES:
+            raise ValueError(f"embed_loss={self.embed_loss!r}; use one of {', '.join(EMBEDDING_DISTANCES)}.")
+        if self.embed_pooling is not None and self.embed_pooling not in POOLING_MODES:
+            raise ValueError(f"embed_pooling={self.embed_pooling!r}; use one of {', '.join(POOLING_MODES)}, or leave "
+                             "it unset to follow the teacher's sentence-transformers folder.")
+        if self.embed_relation_temperature <= 0:
+            raise ValueError(f"embed_relation_temperature={self.embed_relation_temperature} must be > 0 (e.g. 0.05).")
+        if self.embed_projection_init not in ("random", "pca"):
+            raise ValueError(f"embed_projection_init={self.embed_projection_init!r}; use 'random' or 'pca'.")
+        if self.embed_pca_samples < 1:
+            raise ValueError(f"embed_pca_samples={self.embed_pca_samples} must be >= 1.")
 
     @property
     def loss_weights(self) -> dict:

@@ -10,17 +10,21 @@ import logging
 import os
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from transformers import Trainer
 
-from . import chunked_head, losses
+from . import chunked_head, logit_terms, losses
 from .atomic import write_text_atomic
-from .callbacks import CollatorEpochCallback, NonFiniteLossGuard, nonfinite_parameters
-from .checks import check_chunked_head, check_output_dir, check_student_teacher, check_student_terms
+from .callbacks import (CollatorEpochCallback, NonFiniteLossGuard, check_epoch_reaches_workers,
+                        nonfinite_parameters)
+from .checks import check_output_dir, check_student_teacher, check_student_terms
 from .distillation_config import DistillationArguments
+from .embedding import EmbeddingTerms, refuse_teacher_cache
 from .intermediate import IntermediateTerms, saving_projections
 from .on_policy import PROMPT_LENGTH_KEY, make_on_policy
+from .process_group import end_process_group_at_exit
 from .run_lock import output_dir_lock
 from .teacher_cache.collator import CACHED_MASK_KEY
 from .teacher_cache.training import CacheTraining
@@ -34,9 +38,21 @@ logger = logging.getLogger(__name__)
 TARGET_KEYS = ("labels", "start_positions", "end_positions")
 # Optional batch key: 0/1 per position, restricting where the token-level (or QA span) KL/MSE is taken.
 DISTILLATION_MASK_KEY = "distillation_mask"
-TERMS = ("ce", "mlm", "clm", "mse", "cos", "task", "hidden", "attn", "relation")
+TERMS = ("ce", "mlm", "clm", "mse", "cos", "task", "hidden", "attn", "relation", "embed", "embed_relation")
 STAGING_DIR = ".checkpoint-staging"
-_TEACHER_TERMS = ("ce", "mse", "cos", "hidden", "attn", "relation")
+_TEACHER_TERMS = ("ce", "mse", "cos", "hidden", "attn", "relation", "embed", "embed_relation")
+# Terms read from the models' logits; without any, masked/causal LMs run with their LM head passed through.
+_LOGIT_TERMS = ("ce", "mse", "mlm", "clm", "task")
+
+
+@dataclass
+class MicroBatchPlan:
+    """What the loss of one micro-batch averages over, computed once when its optimizer step is fetched: the
+    position masks of the token-level terms and each term's item count."""
+
+    input_ids: torch.Tensor  # identifies the micro-batch when compute_loss receives it
+    masks: dict
+    counts: torch.Tensor  # [len(TERMS)]
 
 
 class DistillationTrainer(Trainer):
@@ -77,18 +93,21 @@ class DistillationTrainer(Trainer):
         if isinstance(teacher_model, (str, os.PathLike)):
             # Its tokenizer is loaded from the same place only if the vocabulary sizes differ (shared_vocab_size).
             teacher_processing_class = teacher_processing_class or str(teacher_model)
-            teacher_model = load_teacher(str(teacher_model), self._student_head, args.teacher_model_init_kwargs)
+            teacher_model = load_teacher(str(teacher_model), self._student_head, args.teacher_model_init_kwargs,
+                                         seed=args.seed)
         elif args.teacher_model_init_kwargs:
             logger.warning("teacher_model_init_kwargs is ignored: teacher_model was given already loaded.")
         # Leading vocabulary entries the logit terms compare: None (all) unless the two vocabularies are padded
         # differently around one tokenizer.
         self._shared_vocab = check_student_teacher(model, teacher_model, args, kwargs.get("processing_class"),
                                                    teacher_processing_class)
-        if args.logits_chunk_size is not None:
-            check_chunked_head(model, teacher_model, args)
         # L_hidden/L_attn/L_relation: eager attention, hooks, and width projections that join the student.
         self._intermediate = IntermediateTerms(model, teacher_model, args)
         self._intermediate.attach_projections(model)
+        # L_embed/L_embed_relation: the teacher's pooling, the student's pooled embedding (projected to other widths).
+        self._embedding = EmbeddingTerms(model, teacher_model, args, kwargs.get("train_dataset"),
+                                         getattr(kwargs.get("processing_class"), "pad_token_id", None))
+        self._embedding.attach_projections(model)
         # lmbda / seq_kd: micro-batches whose continuations are generated before the loss (on_policy.py).
         self._on_policy = make_on_policy(args, model, kwargs.get("processing_class"), self._student_head == CAUSAL_LM)
         # Freeze before the optimizer is built, so frozen tensors are not even handed to it.
@@ -104,13 +123,7 @@ class DistillationTrainer(Trainer):
             SEQUENCE_CLASSIFICATION, QUESTION_ANSWERING)
 
         super().__init__(model=model, args=args, **kwargs)
-        self._init_common()
-
-        if args.logits_chunk_size is not None and (self.is_fsdp_enabled or (
-                self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)):
-            raise ValueError("logits_chunk_size projects hidden states with the LM heads outside the models' forward, "
-                             "where FSDP and DeepSpeed ZeRO-3 hold only a shard of each head; use DDP or ZeRO-1/2, "
-                             "or set logits_chunk_size=None.")
+        self._init_common(teacher_model)
         self.teacher = freeze_teacher(teacher_model)
         if self.is_deepspeed_enabled:
             self.teacher = prepare_teacher_for_deepspeed(self.teacher, self.accelerator)
@@ -125,6 +138,8 @@ class DistillationTrainer(Trainer):
         if teacher_model is not None:
             raise ValueError("Give teacher_model= or teacher_cache=, not both: a cached run loads no teacher.")
         check_student_terms(model, args)
+        refuse_teacher_cache(args)
+        self._embedding = EmbeddingTerms(model, model, args)  # refused above: off
         tokenizer = kwargs.get("processing_class")
         self._cache = CacheTraining(teacher_cache, model, args, tokenizer)
         self._shared_vocab = self._cache.shared_vocab
@@ -141,23 +156,33 @@ class DistillationTrainer(Trainer):
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = self._cache.collator(tokenizer)
         super().__init__(model=model, args=args, **kwargs)
-        if self.is_fsdp_enabled or (self.is_deepspeed_enabled
-                                    and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
-            self._cache.rows_only = False  # the head is sharded: it runs inside the model's forward only
         self.teacher = None
         epoch_callback = self._cache.epoch_callback(self.train_dataset)
         if epoch_callback is not None:
             self.add_callback(epoch_callback)
-        self._init_common()
+        self._init_common(None)
 
-    def _init_common(self):
+    def _init_common(self, teacher_model):
+        w = self.args.loss_weights
+        sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled
+                                           and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+        # Rows per chunk of the fused LM-head path in training (chunked_head), or None: full logits.
+        self._chunk_size = chunked_head.training_chunk_size(self.model, teacher_model, self.args, sharded,
+                                                            self.args.device.type)
+        self._need_hidden = "cos" in w or self._intermediate.needs_hidden_states or self._embedding.active
+        # Sentence embeddings and no logit term: the LM heads are passed through (no [tokens x vocab] projection).
+        self._headless = self._embedding.active and not any(t in w for t in _LOGIT_TERMS)
+        self._step_plans = []  # the MicroBatchPlan of each micro-batch of the current optimizer step
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            end_process_group_at_exit(self)  # else a gloo rank can abort at interpreter exit (process_group.py)
         if hasattr(self.data_collator, "set_epoch"):
             self.add_callback(CollatorEpochCallback(self.data_collator))
+        check_epoch_reaches_workers(self.args, self.data_collator, self.train_dataset)
         self.terms = TERMS
         self._nonfinite_flags = torch.zeros(len(TERMS), device=self.args.device)
         self.nonfinite_steps, self.nonfinite_terms, self.stopped_on_nonfinite = 0, {}, False
         self.add_callback(NonFiniteLossGuard(self))
-        self._weights = self.args.loss_weights
+        self._weights = w
         self._step_counts = None  # item counts per term over the current optimizer step, all ranks
         self._staging_checkpoint = False
         self._log_sums = defaultdict(float)
@@ -255,10 +280,11 @@ class DistillationTrainer(Trainer):
             os.remove(pickled)
         write_text_atomic(os.path.join(output_dir, "training_args.json"), self.args.to_json_string())
 
-    # ---- which positions each term averages over ----
+    # ---- which positions and how many items each term averages over: once per micro-batch ----
 
     def _position_masks(self, inputs):
-        """Boolean masks (or None for per-example terms) of the positions each term uses."""
+        """Boolean masks of the positions the token-level terms use: "tokens" (non-padding) and "logits" (L_ce /
+        L_mse: also within the distillation mask, the masked positions with restrict_ce_to_mask, the cached ones)."""
         ids = inputs.get("input_ids")
         attention = inputs.get("attention_mask")
         tokens = attention.bool() if attention is not None else torch.ones_like(ids, dtype=torch.bool)
@@ -271,38 +297,48 @@ class DistillationTrainer(Trainer):
             logits_mask = logits_mask & inputs[CACHED_MASK_KEY]
         return {"tokens": tokens, "logits": logits_mask}
 
-    def _item_counts(self, inputs):
-        """How many items each term averages over in this micro-batch (the denominators)."""
+    def _plan(self, inputs):
+        """`MicroBatchPlan` of a micro-batch: its position masks and each term's item count (the denominators)."""
         masks = self._position_masks(inputs)
         batch_size = inputs["input_ids"].shape[0]
         per_example = self._student_head in (SEQUENCE_CLASSIFICATION, QUESTION_ANSWERING)
         labels = inputs.get("labels")
+        logit_items = batch_size if per_example else masks["logits"].sum()
         counts = {
-            "ce": batch_size if per_example else masks["logits"].sum(),
-            "mse": batch_size if per_example else masks["logits"].sum(),
+            "ce": logit_items, "mse": logit_items,
             "cos": masks["tokens"].sum(),
             "mlm": (labels != -100).sum() if labels is not None else 0,
             "clm": (labels[..., 1:] != -100).sum() if labels is not None else 0,
             "task": (labels != -100).sum() if self._student_head == TOKEN_CLASSIFICATION else batch_size,
             **self._intermediate.item_counts(masks["tokens"]),
+            **self._embedding.item_counts(batch_size),
         }
         # Stacked on the batch's device without .item(): no host-device sync per micro-batch on GPUs.
         device = inputs["input_ids"].device
-        return torch.stack([torch.as_tensor(counts[t], dtype=torch.float64, device=device) for t in TERMS])
+        counts = torch.stack([torch.as_tensor(counts[t], dtype=torch.float64, device=device) for t in TERMS])
+        return MicroBatchPlan(inputs["input_ids"], masks, counts)
+
+    def _plan_of(self, inputs):
+        """The plan get_batch_samples made for this micro-batch (found by its input_ids tensor), else a new one."""
+        for k, plan in enumerate(self._step_plans):
+            if plan.input_ids is inputs.get("input_ids"):
+                return self._step_plans.pop(k)
+        return self._plan(inputs)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batch_samples and self._on_policy is not None:  # before the counts: they are those of the new batches
             batch_samples = self._on_policy(batch_samples, unwrap(self.model), unwrap(self.teacher),
                                             self.state.global_step, self.accelerator.process_index)
+        self._step_plans = [self._plan(b) for b in batch_samples]
         if batch_samples:
-            counts = sum(self._item_counts(b).cpu() for b in batch_samples).to(device)
+            counts = sum(plan.counts.cpu() for plan in self._step_plans).to(device)
             if self.accelerator.num_processes > 1:
                 counts = self.accelerator.reduce(counts, reduction="sum")
             self._step_counts = counts
         return batch_samples, num_items_in_batch
 
-    # ---- the loss ----
+    # ---- the models' outputs ----
 
     def _check_batch(self, inputs):
         if ("mlm" in self._weights or "clm" in self._weights) and inputs.get("labels") is None:
@@ -321,125 +357,110 @@ class DistillationTrainer(Trainer):
                 "For sentence pairs and QA, tokenize with return_token_type_ids=True (a DistilBERT tokenizer then "
                 "makes them too).", type(unwrap(self.teacher)).__name__)
 
-    def _forward(self, model, inputs, keep, output_hidden_states, chunked=False):
+    def _forward(self, model, inputs, keep, output_hidden_states, features_only=False):
         model_inputs = {k: v for k, v in inputs.items() if k in keep}
         if output_hidden_states:
             model_inputs["output_hidden_states"] = True
         model_inputs.update(self._intermediate.forward_options())
-        # chunked: no logits; the forward returns the LM head's features, which the loss projects a chunk at a time
-        with chunked_head.features_only(model) if chunked else contextlib.nullcontext():
+        # features_only: the forward returns what the LM head projects, not logits (the fused head path)
+        with chunked_head.features_only(model) if features_only else contextlib.nullcontext():
             return model(**model_inputs)
 
-    def _term_sums(self, inputs, student_out, teacher_out, chunked=False):
-        """{term: sum over its items in this micro-batch} for the weighted terms, plus top-1 agreement."""
-        w, T = self._weights, self.args.temperature
-        masks = self._position_masks(inputs)
-        head = self._student_head
-        sums = {}
-        agreement = None
-        # chunked: the LM-head terms are computed in compute_loss (_chunked_head_loss, or the cache's row_head_sums)
-        if teacher_out is not None and ("ce" in w or "mse" in w) and not chunked:
-            if getattr(teacher_out, "topk_ids", None) is not None:  # an LM teacher cache's top-k (only L_ce)
-                sums, agreement = self._cache.topk_sums(student_out.logits, teacher_out, T, masks["logits"])
-            elif head == QUESTION_ANSWERING:
-                mask = masks["logits"]
-                if "ce" in w:
-                    sums["ce"] = losses.span_soft_target_kl(
-                        student_out.start_logits, student_out.end_logits, teacher_out.start_logits,
-                        teacher_out.end_logits, T, mask=mask, reduction="sum", divergence=self.args.divergence,
-                        jsd_beta=self.args.jsd_beta)
-                if "mse" in w:
-                    sums["mse"] = sum(losses.logit_mse(getattr(student_out, k).masked_fill(~mask, 0),
-                                                       getattr(teacher_out, k).masked_fill(~mask, 0),
-                                                       reduction="sum") for k in ("start_logits", "end_logits")) / 2
-                agree = sum(losses.top1_agreement(getattr(student_out, k).masked_fill(~mask, -1e9),
-                                                  getattr(teacher_out, k).masked_fill(~mask, -1e9))[0]
-                            for k in ("start_logits", "end_logits"))
-                agreement = (agree, 2 * mask.shape[0])
-            else:
-                s_logits, t_logits = student_out.logits, teacher_out.logits
-                if self._shared_vocab is not None and head in LM_HEADS:  # one tokenizer, vocabularies padded apart
-                    s_logits, t_logits = s_logits[..., :self._shared_vocab], t_logits[..., :self._shared_vocab]
-                if s_logits.shape != t_logits.shape:
-                    raise ValueError(f"Teacher logits {tuple(t_logits.shape)} and student logits "
-                                     f"{tuple(s_logits.shape)} differ in shape; they must match position by position.")
-                mask = None if head == SEQUENCE_CLASSIFICATION else masks["logits"]
-                if "ce" in w:
-                    sums["ce"] = losses.soft_target_divergence(s_logits, t_logits, T, mask=mask, reduction="sum",
-                                                               divergence=self.args.divergence,
-                                                               jsd_beta=self.args.jsd_beta)
-                if "mse" in w:
-                    sums["mse"] = losses.logit_mse(s_logits, t_logits, mask=mask, reduction="sum")
-                agreement = losses.top1_agreement(s_logits.detach(), t_logits, mask=mask)
+    def _student_output(self, model, inputs, fused):
+        """(student output, its recorded queries/keys/values); its LM losses are computed here, so it gets its
+        targets only for a task loss."""
+        w = self._weights
+        keep = self._student_inputs - (set() if "task" in w else set(TARGET_KEYS))
+        headless = fused or (self._headless and _has_lm_head(model))
+        with self._intermediate.recording("student") as qkv, self._embedding.recording(model):
+            return self._forward(model, inputs, keep, self._need_hidden, headless), qkv
+
+    def _teacher_output(self, inputs, fused):
+        """(teacher output or a cache's `CachedTeacherOutput`, its queries/keys/values); None when no term uses it."""
+        if self._cache is not None:
+            return self._cache.teacher_output(inputs), {}
+        if not any(t in self._weights for t in _TEACHER_TERMS):
+            return None, {}
+        self._check_segments(inputs)
+        headless = fused or (self._headless and _has_lm_head(self.teacher))
+        with torch.no_grad(), self.accelerator.autocast(), self._intermediate.recording("teacher") as qkv:
+            out = self._forward(self.teacher, inputs, self._teacher_inputs - set(TARGET_KEYS), self._need_hidden,
+                                headless)
+        return out, qkv
+
+    # ---- the loss ----
+
+    def _term_sums(self, inputs, plan, student_out, teacher_out, fused):
+        """{term: sum over its items in this micro-batch} of the weighted terms outside the fused head path, and
+        the top-1 agreement when they include L_ce / L_mse."""
+        w, masks = self._weights, plan.masks
+        sums, agreement = {}, None
+        if not fused:
+            if teacher_out is not None and ("ce" in w or "mse" in w):
+                sums, agreement = logit_terms.teacher_logit_sums(self._student_head, w, self.args, masks["logits"],
+                                                                 student_out, teacher_out, self._shared_vocab,
+                                                                 self._cache)
+            if "mlm" in w or "clm" in w:
+                sums.update(logit_terms.lm_loss_sums(w, student_out.logits, inputs["labels"]))
         if "cos" in w:
             sums["cos"] = losses.hidden_cosine(student_out.hidden_states[-1], teacher_out.hidden_states[-1],
                                                mask=masks["tokens"], reduction="sum")
-        if "mlm" in w and not chunked:
-            sums["mlm"] = losses.masked_lm_loss(student_out.logits, inputs["labels"], reduction="sum")
-        if "clm" in w and not chunked:
-            sums["clm"] = losses.causal_lm_loss(student_out.logits, inputs["labels"], reduction="sum")
         if "task" in w:
             # The model's own loss is a mean over its items (examples, or labelled tokens for tagging): undo it.
-            count = self._item_counts(inputs)[TERMS.index("task")]
-            sums["task"] = student_out.loss * count.to(student_out.loss.dtype)
+            sums["task"] = student_out.loss * plan.counts[TERMS.index("task")].to(student_out.loss.dtype)
         return sums, agreement
 
-    def _chunked_head_loss(self, model, inputs, student_out, teacher_out, coefficients):
+    def _fused_head_loss(self, model, inputs, plan, student_out, teacher_out, coefficient):
         """(weighted loss, detached sums, agreement) of L_ce, L_mse and L_clm/L_mlm from the heads' features, a chunk
-        of positions at a time with each chunk's gradient taken in the forward (`logits_chunk_size`)."""
+        of positions at a time with each chunk's gradient taken in the forward (`chunked_head`)."""
         w = self._weights
-        terms = [t for t in ("ce", "mse") if t in w and teacher_out is not None] + [t for t in ("clm", "mlm") if t in w]
-        return chunked_head.head_loss(model, self.teacher, student_out, teacher_out, inputs.get("labels"),
-                                      self._position_masks(inputs)["logits"], {t: coefficients[t] for t in terms},
-                                      self.args, self._shared_vocab)
+        teacher_terms = [t for t in ("ce", "mse") if t in w and teacher_out is not None]
+        terms = teacher_terms + [t for t in ("clm", "mlm") if t in w]
+        teacher_rows = None
+        if teacher_terms:
+            teacher_rows = (self._cache.teacher_rows(teacher_out) if self._cache is not None
+                            else chunked_head.online_teacher_rows(self.teacher, teacher_out))
+        kl_mask = plan.masks["logits"] if teacher_rows is not None else torch.zeros_like(plan.masks["logits"])
+        return chunked_head.head_loss(model, self.teacher, student_out, teacher_rows, inputs.get("labels"), kl_mask,
+                                      {t: coefficient(t) for t in terms}, self.args, self._shared_vocab,
+                                      self._chunk_size)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._check_batch(inputs)
         w = self._weights
-        need_hidden = "cos" in w or self._intermediate.needs_hidden_states
-        # The student's LM losses are computed here from its logits; it gets its targets only for a task loss.
-        student_keep = self._student_inputs - (set() if "task" in w else set(TARGET_KEYS))
-        # In training, logits_chunk_size computes the LM-head terms from hidden states (evaluation keeps logits).
-        chunked = self.args.logits_chunk_size is not None and model.training
-        # From a teacher cache, a masked-LM student's head runs on the rows its terms read only (rows_only).
-        rows_only = self._cache is not None and self._cache.rows_only and model.training
-        with self._intermediate.recording("student") as student_qkv:
-            student_out = self._forward(model, inputs, student_keep, need_hidden, chunked or rows_only)
-        teacher_out = teacher_qkv = None
-        if self._cache is not None:
-            teacher_out = self._cache.teacher_output(inputs)
-        elif any(t in w for t in _TEACHER_TERMS):
-            self._check_segments(inputs)
-            with torch.no_grad(), self.accelerator.autocast(), self._intermediate.recording("teacher") as teacher_qkv:
-                teacher_out = self._forward(self.teacher, inputs, self._teacher_inputs - set(TARGET_KEYS),
-                                            need_hidden, chunked)
-        sums, agreement = self._term_sums(inputs, student_out, teacher_out, chunked or rows_only)
-        if rows_only:
-            head_sums, agreement = self._cache.row_head_sums(
-                model, chunked_head.head_features(model, student_out), teacher_out, inputs.get("labels"),
-                self._position_masks(inputs)["logits"], w, self.args.temperature)
-            sums.update(head_sums)
-        sums.update(self._intermediate.term_sums(student_out, teacher_out, student_qkv, teacher_qkv,
-                                                 self._position_masks(inputs)["tokens"], model.training))
+        plan = self._plan_of(inputs) if model.training else self._plan(inputs)
+        fused = self._chunk_size is not None and model.training  # evaluation keeps full logits
+        student_out, student_qkv = self._student_output(model, inputs, fused)
+        teacher_out, teacher_qkv = self._teacher_output(inputs, fused)
 
-        local_counts = self._item_counts(inputs)
+        sums, agreement = self._term_sums(inputs, plan, student_out, teacher_out, fused)
+        sums.update(self._intermediate.term_sums(student_out, teacher_out, student_qkv, teacher_qkv,
+                                                 plan.masks["tokens"], model.training))
+        sums.update(self._embedding.term_sums(teacher_out, plan.masks["tokens"]))
+
         if model.training and self._step_counts is not None:
             # Each micro-batch contributes sum / (items in the whole step, all ranks); DDP then averages the
             # gradients over ranks, so multiply back by their number.
-            counts, scale = self._step_counts.to(local_counts.device), self.accelerator.num_processes
+            counts, scale = self._step_counts.to(plan.counts.device), self.accelerator.num_processes
         else:
-            counts, scale = local_counts, 1
-        loss = sum(w[t] * sums[t] / counts[TERMS.index(t)].clamp(min=1).to(sums[t].device, sums[t].dtype)
-                   for t in sums) * scale
-        if chunked:  # the head terms' coefficients are known before their forward, which takes their gradients
-            coefficients = {t: (w[t] * scale / counts[TERMS.index(t)].clamp(min=1)).float() for t in w}
-            head_loss, head_sums, agreement = self._chunked_head_loss(model, inputs, student_out, teacher_out,
-                                                                      coefficients)
+            counts, scale = plan.counts, 1
+
+        def coefficient(term):  # weight x scale / item count: what multiplies the term's sum in the loss
+            return w[term] * scale / counts[TERMS.index(term)].clamp(min=1)
+
+        loss = sum(sums[t] * coefficient(t).to(sums[t].device, sums[t].dtype) for t in sums)
+        if fused:  # the head terms' coefficients are known before their forward, which takes their gradients
+            head_loss, head_sums, agreement = self._fused_head_loss(
+                model, inputs, plan, student_out, teacher_out, lambda t: coefficient(t).float())
             loss = loss + head_loss
             sums.update(head_sums)  # detached: for the logs and the non-finite flags
+        elif self._headless and _has_lm_head(model):
+            # No term reads the head's features, yet its transform ran: an empty slice of them (exactly 0) keeps its
+            # parameters on the loss's graph, as DDP expects of everything the forward's outputs reach.
+            loss = loss + student_out.logits.reshape(-1)[:0].sum().to(loss.dtype)
 
         if model.training:
-            self._accumulate_logs(sums, local_counts, agreement)
+            self._accumulate_logs(sums, plan.counts, agreement)
             # Flag non-finite terms without a device sync; NonFiniteLossGuard decides once per optimizer step.
             for t, value in sums.items():
                 self._nonfinite_flags[TERMS.index(t)] += (~torch.isfinite(value.detach())).float().to(
@@ -485,3 +506,8 @@ class DistillationTrainer(Trainer):
             for t, n in self.nonfinite_terms.items():
                 logs[f"nonfinite_{t}"] = n
         super().log(logs, start_time)
+
+
+def _has_lm_head(model):
+    """A masked or causal LM whose LM head is an output embedding (what `chunked_head.features_only` passes through)."""
+    return head_kind(model) in LM_HEADS and unwrap(model).get_output_embeddings() is not None

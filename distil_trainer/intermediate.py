@@ -118,8 +118,15 @@ def attach_projections(student, projections: HiddenProjections) -> None:
     student is the plain student; `saving_projections` keeps them in checkpoints.
     """
     inner = unwrap(student)
-    inner.add_module(PROJECTIONS_NAME, projections)
-    keys = {f"{PROJECTIONS_NAME}.{k}" for k in projections.state_dict()}
+    attached = getattr(inner, PROJECTIONS_NAME, None)
+    if attached is None:
+        inner.add_module(PROJECTIONS_NAME, projections)
+    elif attached is not projections:  # a second set (the embedding terms' beside the hidden-state maps): merged
+        clash = sorted(set(attached.maps) & set(projections.maps))
+        if clash:
+            raise ValueError(f"Width projections {clash} are attached to the student twice.")
+        attached.maps.update(projections.maps)
+    keys = {f"{PROJECTIONS_NAME}.{k}" for k in getattr(inner, PROJECTIONS_NAME).state_dict()}
     inner._keys_to_ignore_on_save = set(inner._keys_to_ignore_on_save or ()) | keys
 
 
@@ -168,9 +175,20 @@ def attention_projections(model) -> list:
     )
 
 
+@contextlib.contextmanager
+def forward_hook(module, hook, **options):
+    """`hook` on `module` for the duration of the block only: the trainer's hooks exist during its own forwards and
+    are never left on a model the user gets back (or saves, exports, evaluates elsewhere) after training."""
+    handle = module.register_forward_hook(hook, **options)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class QKVCapture:
     """Forward hooks on the query/key/value projections of one layer (1-based) that keep their outputs
-    ([batch, positions, width]) while `recording()` is active.
+    ([batch, positions, width]) while `recording()` is active; they are registered for that block only.
 
     Hooks see the full outputs under DeepSpeed ZeRO-3 too (parameters are gathered before the module runs), and
     they record nothing outside `recording()`, e.g. when gradient checkpointing re-runs a layer during backward.
@@ -181,15 +199,11 @@ class QKVCapture:
         if not 1 <= layer <= len(projections):
             raise ValueError(f"Layer {layer} has no self-attention: {type(unwrap(model)).__name__} has layers "
                              f"1..{len(projections)}.")
+        self.modules = projections[layer - 1]
         self.outputs = {}
-        self._active = False
-        self._handles = [module.register_forward_hook(self._hook(kind))
-                         for kind, module in projections[layer - 1].items()]
 
     def _hook(self, kind):
         def hook(module, args, output):
-            if not self._active:
-                return
             output = output[0] if isinstance(output, tuple) else output
             if kind == "fused":
                 self.outputs.update(zip(RELATION_KINDS, output.chunk(3, dim=-1)))
@@ -200,16 +214,10 @@ class QKVCapture:
     @contextlib.contextmanager
     def recording(self):
         self.outputs = {}
-        self._active = True
-        try:
+        with contextlib.ExitStack() as hooks:
+            for kind, module in self.modules.items():
+                hooks.enter_context(forward_hook(module, self._hook(kind)))
             yield self.outputs
-        finally:
-            self._active = False
-
-    def remove(self):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 # ---- attention implementation ----
@@ -268,7 +276,7 @@ class IntermediateTerms:
         self.attention_pairs = attention_layer_pairs(self.layer_map) if self.attn else []
         self.hidden_layers = len(self.layer_map) if self.hidden else 0
         self.projections = None  # none when the widths are equal
-        self._projecting, self._student_layers = False, s_layers
+        self._student, self._student_layers = None, s_layers
         if self.hidden and hidden_size(student) != hidden_size(teacher):
             dtype = next(unwrap(student).parameters()).dtype
             with torch.random.fork_rng(devices=[]):  # initialised from args.seed, the caller's RNG left alone
@@ -317,17 +325,18 @@ class IntermediateTerms:
     def attach_projections(self, student):
         """Before Trainer places and wraps the student: the projections train, synchronise and checkpoint with it.
 
-        They also run inside the student's forward call: a forward hook appends the projected hidden states of the
-        mapped layers to its `hidden_states` while the trainer records. DDP counts a parameter used outside
-        forward as unused and fails when its gradient arrives; FSDP holds only shards of it there.
+        They also run inside the student's forward call: during the trainer's student forwards (`recording`), a
+        forward hook appends the projected hidden states of the mapped layers to its `hidden_states`. DDP counts a
+        parameter used outside forward as unused and fails when its gradient arrives; FSDP holds only shards of it
+        there.
         """
         if self.projections is not None:
             attach_projections(student, self.projections)
-            unwrap(student).register_forward_hook(self._project_in_forward)
+            self._student = unwrap(student)
 
     def _project_in_forward(self, module, args, output):
         hidden = getattr(output, "hidden_states", None)
-        if self._projecting and hidden is not None:
+        if hidden is not None:
             output.hidden_states = tuple(hidden) + tuple(self.projections.project(s, hidden[s])
                                                          for s in self.layer_map)
         return output
@@ -342,12 +351,10 @@ class IntermediateTerms:
         """Around a model's forward: yields the queries/keys/values L_relation reads ({} when it is off) and, for
         the student, appends the projected hidden states."""
         capture = self.student_qkv if role == "student" else self.teacher_qkv
-        self._projecting = role == "student"
-        try:
-            with capture.recording() if capture is not None else contextlib.nullcontext({}) as qkv:
-                yield qkv
-        finally:
-            self._projecting = False
+        projecting = role == "student" and self._student is not None
+        with forward_hook(self._student, self._project_in_forward) if projecting else contextlib.nullcontext(), \
+                capture.recording() if capture is not None else contextlib.nullcontext({}) as qkv:
+            yield qkv
 
     def item_counts(self, tokens: torch.Tensor) -> dict:
         """{term: items in this micro-batch} from the [B, L] non-padding mask."""

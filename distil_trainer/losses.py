@@ -44,15 +44,38 @@ def soft_target_kl(student_logits, teacher_logits, temperature, mask=None, reduc
 
 
 def _kl_rows(s, t):
-    """KL(softmax(t) || softmax(s)) over the last dimension, with 0 * log 0 = 0.
+    """KL(softmax(t) || softmax(s)) over the last dimension, with 0 * log 0 = 0 (see `_KLRows`). A `t` that takes
+    gradients (the student's, in the reverse KL) goes through autograd of the same formula."""
+    if t.requires_grad:
+        p = F.softmax(t, dim=-1)
+        return (torch.xlogy(p, p) - torch.where(p > 0, p * F.log_softmax(s, dim=-1), 0.0)).sum(-1)
+    return _KLRows.apply(s, t)
 
-    In the xlogy form of the original's `nn.KLDivLoss` (`xlogy(p, p) - p * log q`), a teacher logit of -inf (a
-    token the teacher rules out) adds 0; written as `p * (log p - log q)` it would add 0 * -inf = nan. Where the
-    student also gives -inf, `p * log q` is 0 * -inf too, so it is taken as 0 wherever p is 0.
+
+class _KLRows(torch.autograd.Function):
+    """Per-row KL(softmax(t) || softmax(s)) in the xlogy form of the original's `nn.KLDivLoss`
+    (`xlogy(p, p) - p * log q`), with its gradient written out: T^2 KL at s/T has gradient T (q - p).
+
+    A teacher logit of -inf (a token the teacher rules out) adds 0, where `p * (log p - log q)` would add
+    0 * -inf = nan; where the student also gives -inf, `p * log q` is 0 * -inf too, so it is taken as 0 wherever p is
+    0. Autograd through those masking steps cost 4 extra passes over the [rows x vocab] tensors (a 25% slower L_ce
+    than `F.kl_div`); the backward here is one: exp(log q) - p, scaled by the incoming gradient. `t` gets no
+    gradient (the teacher's logits are targets).
     """
-    p = F.softmax(t, dim=-1)
-    cross = (p * F.log_softmax(s, dim=-1)).masked_fill(p == 0, 0.0)
-    return (torch.xlogy(p, p) - cross).sum(-1)
+
+    @staticmethod
+    def forward(ctx, s, t):
+        log_q = F.log_softmax(s, dim=-1)
+        p = F.softmax(t, dim=-1)
+        rows = (torch.xlogy(p, p) - torch.where(p > 0, p * log_q, 0.0)).sum(-1)
+        ctx.save_for_backward(log_q, p)
+        return rows
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):
+        log_q, p = ctx.saved_tensors
+        return log_q.exp().sub_(p).mul_(grad_rows.unsqueeze(-1)), None
 
 
 def topk_soft_target_kl(student_logits, topk_ids, topk_logits, temperature, mask=None, reduction="mean"):
@@ -69,10 +92,15 @@ def topk_soft_target_kl(student_logits, topk_ids, topk_logits, temperature, mask
     s = _fp32(_select(student_logits, mask)) / temperature
     ids = _select(topk_ids, mask).long()
     t = _fp32(_select(topk_logits, mask)) / temperature
+    return _reduce(topk_kl_rows(s, ids, t) * temperature**2, reduction)
+
+
+def topk_kl_rows(s, ids, t):
+    """Per-row KL(softmax(t) || softmax(s) read at `ids`): `t` [n, k] the teacher's top-k logits, `s` [n, V] the
+    student's, `ids` [n, k] where the k sit in s (already divided by T). In the xlogy form of `_kl_rows`."""
     p = F.softmax(t, dim=-1)
     log_q = F.log_softmax(s, dim=-1).gather(-1, ids)
-    cross = (p * log_q).masked_fill(p == 0, 0.0)
-    return _reduce((torch.xlogy(p, p) - cross).sum(-1) * temperature**2, reduction)
+    return (torch.xlogy(p, p) - torch.where(p > 0, p * log_q, 0.0)).sum(-1)
 
 
 def topk_agreement(student_logits, topk_ids, mask=None):
@@ -217,6 +245,82 @@ def relation_kl(student_x, teacher_x, num_heads, mask=None, reduction="mean"):
     return _reduce(per_row.reshape(-1), reduction)
 
 
+# ---- sentence-embedding terms (sentence-transformers' distillation); the item is a sentence ----
+
+POOLING_MODES = ("mean", "cls", "lasttoken")
+EMBEDDING_DISTANCES = ("mse", "cosine")
+
+
+def sentence_pool(hidden, attention_mask=None, mode="mean", normalize=False):
+    """Sentence embeddings [B, D] from token vectors [B, L, D], as sentence-transformers' Pooling/Normalize do.
+
+    mode "mean": mean over the non-padding tokens of `attention_mask` [B, L]; "cls": the first position; "lasttoken":
+    the last non-padding position (right or left padding alike). `normalize`: L2-normalised afterwards. Padding
+    positions are dropped (filled with 0 before the sum), so whatever a model leaves there never reaches the result.
+    """
+    h = _fp32(hidden)
+    batch, length = h.shape[:2]
+    mask = (attention_mask.bool() if attention_mask is not None
+            else torch.ones(batch, length, dtype=torch.bool, device=h.device))
+    if mode == "mean":
+        summed = h.masked_fill(~mask[..., None], 0.0).sum(1)
+        pooled = summed / mask.sum(1, keepdim=True).to(h.dtype).clamp(min=1e-9)
+    elif mode == "cls":
+        pooled = h[:, 0]
+    elif mode == "lasttoken":
+        positions = torch.arange(1, length + 1, device=h.device)
+        last = (mask.long() * positions).argmax(-1)  # the highest position with mask 1 (0 when there is none)
+        pooled = h[torch.arange(batch, device=h.device), last]
+    else:
+        raise ValueError(f"pooling mode {mode!r}; use one of {', '.join(POOLING_MODES)}.")
+    return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
+
+
+def embedding_distance(student_emb, teacher_emb, metric="mse", reduction="mean"):
+    """Distance between student and teacher sentence embeddings [B, D], per sentence (L_embed).
+
+    metric "mse": mean over D of (e_s - e_t)^2, so the mean over sentences is sentence-transformers' MSELoss
+    (`F.mse_loss(student, teacher)`: the mean over all B x D entries); "cosine": 1 - cos(e_s, e_t).
+    """
+    s, t = _fp32(student_emb), _fp32(teacher_emb)
+    if s.shape != t.shape:
+        raise ValueError(f"Sentence embeddings differ in shape: student {tuple(s.shape)}, teacher {tuple(t.shape)}; "
+                         "project the student's to the teacher's width first.")
+    if metric == "mse":
+        per_sentence = (s - t).pow(2).mean(-1)
+    elif metric == "cosine":
+        per_sentence = 1.0 - F.cosine_similarity(s, t, dim=-1)
+    else:
+        raise ValueError(f"metric={metric!r}; use one of {', '.join(EMBEDDING_DISTANCES)}.")
+    return _reduce(per_sentence, reduction)
+
+
+def _similarity_log_probs(emb, temperature):
+    """Row-wise log softmax of the batch's cosine-similarity matrix / temperature, each sentence's own column out."""
+    unit = F.normalize(_fp32(emb), p=2, dim=-1)
+    scores = unit @ unit.t() / temperature
+    eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
+    return F.log_softmax(scores.masked_fill(eye, _EXCLUDED), dim=-1)
+
+
+def embedding_relation_kl(student_emb, teacher_emb, temperature=0.05, reduction="mean"):
+    """In-batch relational term (L_embed_relation): per sentence, KL(teacher row || student row) of the batch's
+    cosine similarities divided by `temperature`, softmaxed over the other sentences of the batch.
+
+    `student_emb` [B, D_s] / `teacher_emb` [B, D_t] (the widths may differ: only similarities are compared). A row
+    is a distribution over the batch's other sentences, so the term depends on which sentences share a batch: under
+    gradient accumulation or data parallelism each sentence is compared with its own micro-batch, and the trainer
+    averages the rows over the whole optimizer step. A batch of one sentence gives 0.
+    """
+    if student_emb.shape[0] != teacher_emb.shape[0]:
+        raise ValueError(f"{student_emb.shape[0]} student and {teacher_emb.shape[0]} teacher sentence embeddings; "
+                         "they must come from the same batch.")
+    log_s = _similarity_log_probs(student_emb, temperature)
+    log_t = _similarity_log_probs(teacher_emb, temperature)
+    per_row = (log_t.exp() * (log_t - log_s)).sum(-1)
+    return _reduce(per_row, reduction)
+
+
 # ---- divergences for L_ce beside the forward KL (reverse KL, generalised JSD, total variation) ----
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv")
@@ -243,19 +347,34 @@ def divergence_rows(s, t, divergence="forward_kl", jsd_beta=0.5):
     raise ValueError(f"divergence={divergence!r}; use one of {', '.join(DIVERGENCES)}.")
 
 
+_EXPM1_SAFE = 50.0  # e^50 ~ 5e21: far from fp32's overflow at e^88.7
+
+
+def _log_m_over_t(r, beta):
+    """log(m / p_t) = log(beta + (1 - beta) e^r) for r = log(p_s / p_t).
+
+    Up to r = 50 it is log1p((1 - beta) expm1(r)), which keeps the digits of small differences. Beyond, it is
+    logaddexp(log beta, log(1 - beta) + r): expm1 overflows in fp32 past r ~ 88, i.e. wherever the teacher gives a
+    token a probability that far below the student's (a subnormal after /T), and the JSD came out -inf.
+    """
+    near = torch.log1p((1 - beta) * torch.expm1(r.clamp(max=_EXPM1_SAFE)))  # clamped: no inf on the other branch
+    far = torch.logaddexp(torch.full_like(r, math.log(beta)), r + math.log1p(-beta))
+    return torch.where(r <= _EXPM1_SAFE, near, far)
+
+
 def _jsd_rows(s, t, beta):
     """beta * KL(P_t || M) + (1 - beta) * KL(P_s || M), M = beta * P_t + (1 - beta) * P_s, per row.
 
     Written with r = log(p_s / p_t) taken from the logit difference, (s - t) - (lse(s) - lse(t)), rather than as a
     difference of two log-softmaxes: when student and teacher are close, the latter loses most digits of r in fp32
     (its gradient was off by ~1e-5 relative), while an error in the row constant lse(s) - lse(t) cancels out of the
-    gradient. log(m / p_t) = log1p((1 - beta) * expm1(r)) keeps the small differences exact too.
+    gradient. log(m / p_t) comes from `_log_m_over_t`, exact for small r and finite for large r.
     """
     lse_s, lse_t = s.logsumexp(-1, keepdim=True), t.logsumexp(-1, keepdim=True)
     p_s, p_t = (s - lse_s).exp(), (t - lse_t).exp()
     teacher_zero = p_t == 0  # a token the teacher rules out: r is +inf (or nan) there, and unused
     r = ((s - t) - (lse_s - lse_t)).masked_fill(teacher_zero, 0.0)
-    m_over_t = torch.log1p((1 - beta) * torch.expm1(r))  # log(m / p_t)
+    m_over_t = _log_m_over_t(r, beta)
     kl_t = -(p_t * m_over_t.masked_fill(teacher_zero, 0.0)).sum(-1)
     s_over_m = torch.where(teacher_zero, -math.log1p(-beta), r - m_over_t)  # log(p_s / m); m = (1-beta) p_s there
     kl_s = (p_s * s_over_m.masked_fill(p_s == 0, 0.0)).sum(-1)
@@ -272,177 +391,3 @@ def soft_target_divergence(student_logits, teacher_logits, temperature, mask=Non
     s = _fp32(_select(student_logits, mask)) / temperature
     t = _fp32(_select(teacher_logits, mask)) / temperature
     return _reduce(divergence_rows(s, t, divergence, jsd_beta) * temperature**2, reduction)
-
-
-# ---- LM-head terms from hidden states, a chunk of positions at a time ----
-
-def chunked_head_terms(student_hidden, teacher_hidden, student_head, teacher_head, temperature, kl_mask=None,
-                       targets=None, chunk_size=1024, vocab=None, divergence="forward_kl", jsd_beta=0.5,
-                       terms=("ce",)):
-    """Sums of the LM-head terms over positions, projecting hidden states to the vocabulary one chunk at a time.
-
-    `student_hidden`/`teacher_hidden`: [..., D] last hidden states (after the final norm); `student_head` /
-    `teacher_head`: callables mapping [n, D] to [n, V] logits (the models' `lm_head`); `kl_mask` [...] selects the
-    positions of L_ce, L_mse and the agreement; `targets` [...] holds the token each position's student
-    distribution is scored on for the LM cross-entropy (-100: none). `vocab` cuts both logits to their first
-    `vocab` entries for the teacher-student terms (the LM cross-entropy keeps the student's whole vocabulary). Returns {"ce", "mse", "lm": sums as in soft_target_divergence / logit_mse / masked_lm_loss
-    with reduction="sum", for the names in `terms`; "agree": the top-1 agreement count}.
-
-    Each chunk runs under activation checkpointing: its logits are recomputed in the backward pass instead of
-    kept, so no [positions x vocab] tensor of either model exists beyond one chunk. Values and gradients are
-    those of the direct path (tested to 1e-5).
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    width = student_hidden.shape[-1]
-    s_rows, t_rows = student_hidden.reshape(-1, width), teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    n = s_rows.shape[0]
-    kl = kl_mask.reshape(-1).bool() if kl_mask is not None else torch.ones(n, dtype=torch.bool, device=s_rows.device)
-    tgt = targets.reshape(-1) if targets is not None else torch.full((n,), -100, device=s_rows.device)
-    used = kl | (tgt != -100)  # positions no term reads are never projected
-    s_rows, t_rows, kl, tgt = s_rows[used], t_rows[used], kl[used], tgt[used]
-
-    def chunk_sums(s_chunk, t_chunk, kl_chunk, tgt_chunk):
-        s_full = _fp32(student_head(s_chunk))
-        with torch.no_grad():
-            t_logits = _fp32(teacher_head(t_chunk))
-        s_logits = s_full  # the teacher-student terms compare the shared range; the LM loss keeps all of it
-        if vocab is not None:
-            s_logits, t_logits = s_full[..., :vocab], t_logits[..., :vocab]
-        zero = s_full.sum() * 0  # keeps each sum on the graph (and its dtype) when a chunk has no such row
-        out = []
-        if "ce" in terms:
-            rows = divergence_rows(s_logits[kl_chunk] / temperature, t_logits[kl_chunk] / temperature, divergence,
-                                   jsd_beta)
-            out.append(rows.sum() * temperature**2 + zero)
-        if "mse" in terms:
-            out.append((s_logits[kl_chunk] - t_logits[kl_chunk]).pow(2).sum() + zero)
-        if "lm" in terms:
-            out.append(F.cross_entropy(s_full, tgt_chunk, ignore_index=-100, reduction="sum") + zero)
-        agree = (s_logits.detach().argmax(-1) == t_logits.argmax(-1))[kl_chunk].sum()
-        return torch.stack(out) if out else zero.reshape(1), agree
-
-    totals, agree = None, 0
-    for start in range(0, s_rows.shape[0], chunk_size):
-        piece = slice(start, start + chunk_size)
-        sums, agreed = checkpoint(chunk_sums, s_rows[piece], t_rows[piece], kl[piece], tgt[piece],
-                                  use_reentrant=False)
-        totals = sums if totals is None else totals + sums
-        agree = agree + agreed
-    if totals is None:  # no position at all
-        totals = (s_rows.sum() * 0).repeat(max(len(terms), 1))
-    names = [t for t in ("ce", "mse", "lm") if t in terms]
-    result = {name: totals[i] for i, name in enumerate(names)}
-    result["agree"] = torch.as_tensor(agree, device=s_rows.device)
-    return result
-
-
-# ---- the same terms with each chunk's gradient computed in the forward pass (no recomputation) ----
-
-HEAD_TERMS = ("ce", "mse", "lm")
-
-
-def _chunk_term_sums(s_full, t_logits, kl, tgt, terms, temperature, vocab, divergence, jsd_beta):
-    """[ce, mse, lm] sums of one chunk from its fp32 logits (student `s_full` [n, V_s], teacher `t_logits` [n, V_t]
-    or None); the terms not in `terms` are 0 and not computed."""
-    zero = s_full.new_zeros(())
-    ce = mse = lm = zero
-    if "ce" in terms or "mse" in terms:
-        s_kl, t_kl = s_full[kl], t_logits[kl]
-        if vocab is not None:  # the teacher-student terms compare the shared range
-            s_kl, t_kl = s_kl[:, :vocab], t_kl[:, :vocab]
-        if "ce" in terms:
-            ce = divergence_rows(s_kl / temperature, t_kl / temperature, divergence, jsd_beta).sum() * temperature**2
-        if "mse" in terms:
-            mse = (s_kl - t_kl).pow(2).sum()
-    if "lm" in terms:
-        lm = F.cross_entropy(s_full, tgt, ignore_index=-100, reduction="sum")  # the whole student vocabulary
-    return torch.stack([ce, mse, lm])
-
-
-class _FusedHeadLoss(torch.autograd.Function):
-    """sum_k coef_k * S_k for the head terms S = (ce, mse, lm), with the gradient of each chunk taken in the forward.
-
-    Per chunk: student logits h W^T (+ b), teacher logits under no_grad, the term sums, and G = d(weighted sum) /
-    d(student logits) by autograd on a detached leaf (so every divergence of `divergence_rows` works); then dh = G W
-    and dW += G^T h (db += sum G) while the chunk's logits are still there. Backward only scales those stored
-    gradients by grad_output: no projection is recomputed, so a step costs the direct path's ~4 vocabulary-sized
-    matmuls (2 forward, 2 for the gradients) without holding any [positions x vocab] tensor beyond one chunk.
-    """
-
-    @staticmethod
-    def forward(ctx, rows, weight, bias, coefs, t_rows, teacher_head, kl, tgt, options):
-        chunk_size, terms, temperature, vocab, divergence, jsd_beta, need = options
-        acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        d_rows = torch.empty_like(rows) if need[0] else None  # every row is written: each is in one chunk
-        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
-        d_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need[2] else None
-        totals = torch.zeros(len(HEAD_TERMS), dtype=torch.float32, device=rows.device)
-        agree = torch.zeros((), dtype=torch.long, device=rows.device)
-        for start in range(0, rows.shape[0], chunk_size):
-            piece = slice(start, start + chunk_size)
-            h, kl_c, tgt_c = rows[piece], kl[piece], tgt[piece]
-            t_logits = None if teacher_head is None else _fp32(teacher_head(t_rows[piece]))  # no_grad here
-            with torch.enable_grad():
-                leaf = _fp32(F.linear(h, weight, bias)).detach().requires_grad_(True)
-                sums = _chunk_term_sums(leaf, t_logits, kl_c, tgt_c, terms, temperature, vocab, divergence, jsd_beta)
-                (grad,) = torch.autograd.grad((sums * coefs.to(sums.dtype)).sum(), leaf)
-            totals += sums.detach().float()
-            if t_logits is not None:
-                agree += (leaf[:, :vocab].detach().argmax(-1) == t_logits[:, :vocab].argmax(-1))[kl_c].sum()
-            del leaf, sums, t_logits
-            with torch.autocast(rows.device.type, enabled=False):  # the gradients in the weights' own dtypes
-                if d_rows is not None:
-                    d_rows[piece] = (grad.to(weight.dtype) @ weight).to(rows.dtype)
-                if d_weight is not None:
-                    d_weight.addmm_(grad.t().to(acc), h.to(acc))  # in place: no [vocab x width] temporary
-                if d_bias is not None:
-                    d_bias += grad.sum(0).to(acc)
-        ctx.grads = (d_rows, d_weight, d_bias)
-        ctx.dtypes = (rows.dtype, weight.dtype, None if bias is None else bias.dtype)
-        loss = (totals * coefs.to(totals.dtype)).sum()
-        ctx.mark_non_differentiable(totals, agree)
-        return loss, totals, agree
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_totals, _grad_agree):
-        out = []
-        for grad, dtype in zip(ctx.grads, ctx.dtypes):
-            out.append(None if grad is None else grad.mul_(grad_loss.to(grad.dtype)).to(dtype))
-        ctx.grads = None  # once differentiable: the stored gradients are not kept past the backward
-        return (*out, None, None, None, None, None, None)
-
-
-def fused_head_terms(student_hidden, teacher_hidden, student_weight, student_bias, teacher_head, temperature,
-                     coefficients, kl_mask=None, targets=None, chunk_size=1024, vocab=None, divergence="forward_kl",
-                     jsd_beta=0.5):
-    """The loss sum_k coefficients[k] * S_k of the LM-head terms, projected one chunk of positions at a time with
-    each chunk's gradient computed in the forward pass (see `_FusedHeadLoss`), and the sums S_k for logging.
-
-    Arguments as in `chunked_head_terms`, except that the student's head is given as its `student_weight`
-    [V, D] / `student_bias` [V] (or None), since its gradient is computed here, and `coefficients` ({"ce", "mse",
-    "lm"} -> float or 0-dim tensor; absent terms are 0) must be known before the forward: the loss weight over
-    the term's item count. `teacher_head` None: no teacher (only "lm"; `teacher_hidden` is not read).
-    Returns (loss, {"ce", "mse", "lm": detached sums; "agree": top-1 agreement count}).
-    The loss's value and gradients equal those of `sum_k coefficients[k] * chunked_head_terms(...)[k]`; its
-    backward multiplies the stored gradients by the incoming grad_output (loss scaling, accumulation) and may run
-    once. A tied input embedding receives both gradients, as autograd adds them on the shared weight.
-    """
-    width = student_hidden.shape[-1]
-    rows = student_hidden.reshape(-1, width)
-    t_rows = rows if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    n, device = rows.shape[0], rows.device
-    kl = kl_mask.reshape(-1).bool() if kl_mask is not None else torch.ones(n, dtype=torch.bool, device=device)
-    tgt = targets.reshape(-1) if targets is not None else torch.full((n,), -100, device=device)
-    used = kl | (tgt != -100)  # positions no term reads are never projected
-    rows, t_rows, kl, tgt = rows[used], t_rows[used].detach(), kl[used], tgt[used]
-    coefs = torch.stack([torch.as_tensor(coefficients.get(k, 0.0), dtype=torch.float32, device=device).reshape(())
-                         for k in HEAD_TERMS])
-    need = (rows.requires_grad, student_weight.requires_grad,
-            student_bias is not None and student_bias.requires_grad)
-    terms = tuple(k for k in HEAD_TERMS if k in coefficients and (k == "lm" or teacher_head is not None))
-    options = (chunk_size, terms, temperature, vocab, divergence, jsd_beta, need)
-    loss, totals, agree = _FusedHeadLoss.apply(rows, student_weight, student_bias, coefs, t_rows, teacher_head, kl,
-                                               tgt, options)
-    return loss, {**{k: totals[i] for i, k in enumerate(HEAD_TERMS)}, "agree": agree}

@@ -116,7 +116,7 @@ def require_gguf(what: str):
 
     if not is_gguf_available():
         raise ImportError(f"Loading {what!r} needs the gguf package (>= {GGUF_MIN_VERSION}), which transformers "
-                          "reads GGUF files with: pip install gguf  (or pip install 'distil_trainer[gguf]').")
+                          "reads GGUF files with: pip install gguf  (or pip install 'distil-trainer-hf[gguf]').")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -127,9 +127,20 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **gguf_kwargs)
 
 
-def load_teacher(name_or_path: str, student_head: str, init_kwargs: dict | None = None):
+@contextlib.contextmanager
+def seeded_initialisation(seed: int):
+    """Weights that `from_pretrained` must initialise itself (those its checkpoint lacks, e.g. the MLM head of a
+    sentence-embedding model) are drawn from `seed` inside this block: the same on every rank and in every run, by
+    construction rather than by each process's RNG state; the caller's RNG streams are left as they were."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def load_teacher(name_or_path: str, student_head: str, init_kwargs: dict | None = None, seed: int = 0):
     """Load a teacher by Hub name, local path or GGUF file (see `resolve_gguf`) with the Auto class that matches
-    the student's head."""
+    the student's head. Tensors its checkpoint lacks are initialised from `seed` (`seeded_initialisation`)."""
     import transformers
 
     source, gguf_kwargs = resolve_gguf(name_or_path)
@@ -140,7 +151,8 @@ def load_teacher(name_or_path: str, student_head: str, init_kwargs: dict | None 
         kwargs["dtype"] = getattr(torch, dtype)
     auto_class = getattr(transformers, _AUTO_CLASS_FOR_HEAD[student_head])
     try:
-        return auto_class.from_pretrained(source, **kwargs)
+        with seeded_initialisation(seed):
+            return auto_class.from_pretrained(source, **kwargs)
     except OSError as err:
         raise OSError(
             f"Could not load the teacher {name_or_path!r} with {auto_class.__name__}: {err}\n"

@@ -5,7 +5,9 @@ may be replaced by ones generated from its prompts, by the student (with probabi
 A batch's prompts are the first `prompt_length[i]` tokens of each sequence (a `prompt_length` column of the
 dataset, which `CausalLMCollator` passes through). The generated batch holds prompt + continuation, right-padded;
 its loss positions are the generated tokens only: `labels` is -100 elsewhere, and `distillation_mask` marks the
-positions whose next token was generated (position t's logits predict token t + 1).
+positions whose next token was generated (position t's logits predict token t + 1). A micro-batch that keeps the
+dataset's continuation (not drawn, with 0 < lmbda < 1 and no seq_kd) is scored the same way, on the tokens after its
+prompt only, as in GKD and TRL.
 
 Randomness is keyed by (seed, optimizer step, micro-batch, process): both the on-policy draw and the sampling use
 generators seeded from that key (the sampling under `torch.random.fork_rng`, so the global RNG stream of the
@@ -35,20 +37,26 @@ def draw_on_policy(lmbda, key):
     return bool(torch.rand((), generator=generator).item() < lmbda)
 
 
-def _prompts(batch):
-    """Left-padded prompts [B, P] and their attention mask, from the batch's right-padded sequences."""
+def _prompt_lengths(batch):
+    """Each sequence's number of leading prompt tokens, checked against its length."""
     if batch.get(PROMPT_LENGTH_KEY) is None:
         raise ValueError("On-policy or sequence-level distillation (lmbda > 0 or seq_kd) needs a "
                          f"'{PROMPT_LENGTH_KEY}' column (the number of leading prompt tokens of each sequence) in the "
                          "batch; add it to the dataset and keep it (CausalLMCollator passes it through), or set "
                          "lmbda=0 and seq_kd=False.")
-    ids, attention = batch["input_ids"], batch["attention_mask"]
     lengths = batch[PROMPT_LENGTH_KEY].reshape(-1).long().tolist()
-    real = attention.sum(1).tolist()
+    real = batch["attention_mask"].sum(1).tolist()
     bad = [i for i, (n, r) in enumerate(zip(lengths, real)) if not 1 <= n <= r]
     if bad:
         raise ValueError(f"{PROMPT_LENGTH_KEY} must be between 1 and the sequence's length; rows {bad[:5]} are not "
                          f"({[lengths[i] for i in bad[:5]]} for lengths {[real[i] for i in bad[:5]]}).")
+    return lengths
+
+
+def _prompts(batch):
+    """Left-padded prompts [B, P] and their attention mask, from the batch's right-padded sequences."""
+    ids = batch["input_ids"]
+    lengths = _prompt_lengths(batch)
     width = max(lengths)
     prompts = torch.zeros(len(lengths), width, dtype=ids.dtype, device=ids.device)
     mask = torch.zeros_like(prompts)
@@ -56,6 +64,20 @@ def _prompts(batch):
         prompts[i, width - n:] = ids[i, :n]
         mask[i, width - n:] = 1
     return prompts, mask, lengths
+
+
+def continuation_only(batch):
+    """A dataset micro-batch scored as a generated one is: `labels` on its continuation only (the tokens after the
+    prompt) and `distillation_mask` on the positions that predict them, as GKD and TRL score only the completion."""
+    ids, attention = batch["input_ids"], batch["attention_mask"].bool()
+    prompt = torch.tensor(_prompt_lengths(batch), device=ids.device)[:, None]
+    ends = attention.sum(1, keepdim=True)
+    positions = torch.arange(ids.shape[1], device=ids.device)[None]
+    labels = batch["labels"].masked_fill((positions < prompt) | ~attention, IGNORE_INDEX)
+    predicts_continuation = (positions >= prompt - 1) & (positions < ends - 1)  # logits at t predict token t + 1
+    if batch.get("distillation_mask") is not None:
+        predicts_continuation &= batch["distillation_mask"].bool()
+    return {**batch, "labels": labels, "distillation_mask": predicts_continuation.to(ids.dtype)}
 
 
 def _continuation_lengths(new_tokens, eos_ids):
@@ -130,8 +152,8 @@ class OnPolicyBatches:
         for micro, batch in enumerate(batches):
             key = step_key(self.seed, step, micro, process)
             source = "student" if draw_on_policy(self.lmbda, key) else "teacher" if self.seq_kd else None
-            if source is None:
-                out.append(batch)
+            if source is None:  # the dataset's continuation, scored on the same positions as a generated one
+                out.append(continuation_only(batch))
                 continue
             model = student if source == "student" else teacher
             out.append(generate_batch(model, batch, key, self.max_new_tokens, self.temperature, self.pad_id,

@@ -29,7 +29,7 @@ HEARTBEAT_S = 60.0
 DEFAULT_STALE_AFTER_S = 600.0
 STALE_AFTER_ENV = "DISTIL_TRAINER_LOCK_STALE_AFTER"
 TAKE_OVER_ENV = "DISTIL_TRAINER_TAKE_OVER_LOCK"
-_held = set()  # directories this process holds (the pipeline and the trainer may both ask)
+_held = set()  # lock files this process holds (the pipeline and the trainer may both ask for one directory)
 
 
 class OutputDirInUse(RuntimeError):
@@ -170,9 +170,10 @@ def _settings(stale_after, take_over):
     return stale_after, take_over
 
 
-def acquire(path, me, stale_after, take_over):
-    """Create the lock in directory `path`, taking over a stale one; raise OutputDirInUse if it is live."""
-    lock = path / LOCK_NAME
+def acquire(path, me, stale_after, take_over, lock_name=LOCK_NAME, what=None):
+    """Create the lock `lock_name` in directory `path`, taking over a stale one; raise OutputDirInUse if it is live
+    (the message names `what` is held: by default the output_dir `path`)."""
+    lock = path / lock_name
     for _ in range(50):  # a race lost to another run taking over is retried
         if _create(lock, me):
             return lock
@@ -187,7 +188,8 @@ def acquire(path, me, stale_after, take_over):
             continue
         who = _describe(info) if info else "a run that is still writing its lock"
         raise OutputDirInUse(
-            f"output_dir {str(path)!r} is in use by {who}. Wait for it to finish, or choose another --output_dir. "
+            f"{what or f'output_dir {str(path)!r}'} is in use by {who}. Wait for it to finish, or choose another "
+            "--output_dir. "
             f"If that run is dead on another host (e.g. a rescheduled job), set {TAKE_OVER_ENV}=1 to take the "
             f"lock over, or wait {stale_after:.0f}s after its last refresh for it to be taken over automatically.")
     raise OutputDirInUse(f"Could not acquire {lock}: other runs keep replacing it; is something else using "
@@ -195,24 +197,28 @@ def acquire(path, me, stale_after, take_over):
 
 
 @contextlib.contextmanager
-def output_dir_lock(output_dir, stale_after=None, take_over=None):
-    """Hold `output_dir` for this run; re-entrant within one process. See the module docstring for take-overs."""
+def output_dir_lock(output_dir, stale_after=None, take_over=None, lock_name=LOCK_NAME, what=None):
+    """Hold `output_dir` for this run; re-entrant within one process. See the module docstring for take-overs.
+
+    `lock_name`: the lock file's name in `output_dir` (another name locks something else kept there, e.g. a teacher
+    cache built next to it); `what`: what the refusal says is in use (default: the output_dir)."""
     path = Path(output_dir).resolve()
-    if path in _held:
+    key = path / lock_name
+    if key in _held:
         yield
         return
     stale_after, take_over = _settings(stale_after, take_over)
     path.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "command": " ".join(sys.argv)[:300], "heartbeat_s": HEARTBEAT_S}
-    lock = acquire(path, me, stale_after, take_over)
-    _held.add(path)
+    lock = acquire(path, me, stale_after, take_over, lock_name, what)
+    _held.add(key)
     heartbeat = _Heartbeat(lock)
     try:
         yield
     finally:
         heartbeat.close()
-        _held.discard(path)
+        _held.discard(key)
         with contextlib.suppress(FileNotFoundError):
             if _read_lock(lock)[0] == me:  # still ours, not a lock another run took over meanwhile
                 lock.unlink()

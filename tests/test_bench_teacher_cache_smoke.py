@@ -44,7 +44,7 @@ def test_bench_teacher_cache_smoke(tmp_path):
         # The cache run never calls a teacher; the online run does.
         assert part["runs"]["cache"]["teacher_forward_seconds"] is None
     # The first logged L_ce of each side is a finite KL (the cache's is to the renormalised top k: not the same
-    # number as the online dense KL, README "Training from the cache").
+    # number as the online dense KL, docs/teacher_cache.md, "Training from the cache").
     for name in results:
         for run in ("cache", "online"):
             loss = results[name]["runs"][run]["history"][0]["loss_ce"]

@@ -59,7 +59,7 @@ def test_rules_validation():
 def _independent_kept(tok, lines, max_length, begin, end):
     """What binarize keeps, computed in a plain loop (unk rule irrelevant on WikiText): the original's length and
     unknown-token thresholds, but chunks cut from the unwrapped sequence, which is not what the original did
-    (see test_long_sequences_are_split_unlike_the_original and README "Differences from the original code")."""
+    (see test_long_sequences_are_split_unlike_the_original and docs/differences.md)."""
     kept = []
     for line in lines:
         # split_special_tokens: a literal "<unk>" or "[SEP]" in the corpus is text, never a control token
@@ -341,7 +341,7 @@ def _original_divide_into_chunks(wrapped, max_len, cls, sep):
 
 
 def test_long_sequences_are_split_unlike_the_original():
-    # A documented difference (README "Differences from the original code"): binarize cuts the unwrapped sequence,
+    # A documented difference (docs/differences.md): binarize cuts the unwrapped sequence,
     # so every chunk but the last is max_length long; the original cut the wrapped one, so its first chunk was one
     # token shorter and its boundaries fall one token earlier. Both keep every token, in order.
     rules = SequenceRules(begin_id=BEGIN, end_id=END, max_length=20, min_length=1, unk_id=UNK)

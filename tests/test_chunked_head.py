@@ -1,13 +1,14 @@
-"""LM-head terms from hidden states, a chunk of positions at a time: the same sums and gradients as projecting
-all positions at once (computed here directly with plain torch), and no projection of more than one chunk.
-`chunked_head_terms` recomputes each chunk in the backward (activation checkpointing); `fused_head_terms` (what
-the trainer runs) computes each chunk's gradient in the forward and projects nothing in the backward."""
+"""The fused LM-head terms (`fused_head`): the same sums and gradients as projecting all positions at once
+(computed here directly with plain torch), no projection of more than one chunk, nothing projected in the backward,
+the teacher's logits from its head or from a cache (dense or top k); and in the trainer, the default path for LM
+students in training, equal to full logits (`logits_chunk_size=0`)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from distil_trainer import losses
+from distil_trainer.fused_head import TeacherRows, auto_chunk_size, fused_head_terms
 
 
 class CountingHead(torch.nn.Linear):
@@ -48,31 +49,8 @@ def direct(student_head, teacher_head, hidden_s, hidden_t, kl_mask, targets, tem
     return {"ce": ce, "mse": mse, "lm": lm, "agree": agree}
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tv"])
-@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-def test_same_sums_and_gradients_as_the_direct_path(divergence, chunk_size):
-    student_head, teacher_head, hidden_s, hidden_t, kl_mask, targets = setup()
-    vocab = 45  # also cut to a shared vocabulary range
-    weights = {"ce": 1.0, "mse": 0.3, "lm": 0.7}
-
-    h1 = hidden_s.clone().requires_grad_(True)
-    CountingHead.largest = 0
-    got = losses.chunked_head_terms(h1, hidden_t, student_head, teacher_head, 2.0, kl_mask=kl_mask, targets=targets,
-                                    chunk_size=chunk_size, vocab=vocab, divergence=divergence, jsd_beta=0.4,
-                                    terms=("ce", "mse", "lm"))
-    sum(weights[k] * got[k] for k in weights).backward()
-    grads_chunked = (h1.grad.clone(), student_head.weight.grad.clone())
-    assert CountingHead.largest <= chunk_size  # forward and the recomputation in backward
-    student_head.zero_grad()
-
-    h2 = hidden_s.clone().requires_grad_(True)
-    expected = direct(student_head, teacher_head, h2, hidden_t, kl_mask, targets, 2.0, divergence, vocab)
-    sum(weights[k] * expected[k] for k in weights).backward()
-    for k in ("ce", "mse", "lm"):
-        assert got[k].item() == pytest.approx(expected[k].item(), rel=1e-5, abs=1e-6), k
-    assert got["agree"].item() == expected["agree"].item()
-    for a, b in zip(grads_chunked, (h2.grad, student_head.weight.grad)):
-        assert torch.allclose(a, b.float(), rtol=1e-5, atol=1e-6)
+def online(head, hidden):
+    return TeacherRows(features=hidden, head=head)
 
 
 def test_only_used_positions_are_projected():
@@ -80,32 +58,29 @@ def test_only_used_positions_are_projected():
     kl_mask = torch.zeros(3, 7, dtype=torch.bool)
     kl_mask[0, :2] = True
     CountingHead.largest = 0
-    got = losses.chunked_head_terms(hidden_s, hidden_t, student_head, teacher_head, 1.0, kl_mask=kl_mask,
-                                    chunk_size=100)
-    assert CountingHead.largest == 2
+    _, got = fused_head_terms(hidden_s, online(teacher_head, hidden_t), student_head.weight, student_head.bias, 1.0,
+                              {"ce": 1.0}, kl_mask=kl_mask, chunk_size=100)
+    assert CountingHead.largest == 2  # the teacher's head; the student's weight is applied with F.linear
     s, t = student_head(hidden_s[0, :2]), teacher_head(hidden_t[0, :2])
     assert got["ce"].item() == pytest.approx(losses.soft_target_kl(s, t, 1.0, reduction="sum").item(), rel=1e-6)
 
 
-def test_no_position_gives_zero_with_a_gradient():
-    student_head, teacher_head, hidden_s, hidden_t, _, _ = setup()
-    h = hidden_s.clone().requires_grad_(True)
-    got = losses.chunked_head_terms(h, hidden_t, student_head, teacher_head, 1.0,
-                                    kl_mask=torch.zeros(3, 7, dtype=torch.bool), terms=("ce", "lm"))
-    assert got["ce"].item() == 0 and got["lm"].item() == 0 and got["agree"].item() == 0
-    (got["ce"] + got["lm"]).backward()
-    assert torch.equal(h.grad, torch.zeros_like(h))
-
-
-def test_matches_cross_entropy_of_the_library():
+def test_lm_sum_is_the_cross_entropy_of_the_library():
     """The "lm" sum is masked_lm_loss's sum on the projected logits (targets -100 ignored)."""
-    student_head, teacher_head, hidden_s, hidden_t, _, targets = setup(seed=3)
-    got = losses.chunked_head_terms(hidden_s, hidden_t, student_head, teacher_head, 1.0,
-                                    kl_mask=torch.zeros(3, 7, dtype=torch.bool), targets=targets, chunk_size=5,
-                                    terms=("lm",))
+    student_head, _, hidden_s, _, _, targets = setup(seed=3)
+    _, got = fused_head_terms(hidden_s, None, student_head.weight, student_head.bias, 1.0, {"lm": 1.0},
+                              targets=targets, chunk_size=5)
     expected = F.cross_entropy(student_head(hidden_s).reshape(-1, 50), targets.reshape(-1), ignore_index=-100,
                                reduction="sum")
     assert got["lm"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_auto_chunk_size_fits_the_device_budget():
+    assert auto_chunk_size(8192) == 256 and auto_chunk_size(30522) == 64 and auto_chunk_size(151936) == 32
+    assert auto_chunk_size(8192, "cuda") == 4096 and auto_chunk_size(151936, "cuda") == 256
+    for vocab in (1000, 8192, 50257, 262144):
+        rows = auto_chunk_size(vocab)
+        assert rows & (rows - 1) == 0 and (rows == 32 or rows * vocab <= 2**21)
 
 
 # ---- fused_head_terms: each chunk's gradient in the forward ----
@@ -136,9 +111,9 @@ def test_fused_same_loss_and_gradients_as_the_direct_path(divergence, chunk_size
     vocab, coefs = 45, {"ce": 0.8, "mse": 0.03, "lm": 0.7}  # a shared vocabulary range; T = 2 below
     calls = LinearCalls(monkeypatch)
     h1 = hidden_s.clone().requires_grad_(True)
-    loss, sums = losses.fused_head_terms(h1, hidden_t, student_head.weight, student_head.bias, teacher_head, 2.0,
-                                         coefs, kl_mask=kl_mask, targets=targets, chunk_size=chunk_size, vocab=vocab,
-                                         divergence=divergence, jsd_beta=0.4)
+    loss, sums = fused_head_terms(h1, online(teacher_head, hidden_t), student_head.weight, student_head.bias, 2.0,
+                                  coefs, kl_mask=kl_mask, targets=targets, chunk_size=chunk_size, vocab=vocab,
+                                  divergence=divergence, jsd_beta=0.4)
     calls.phase = "backward"
     (3 * loss).backward()  # the stored gradients are scaled by grad_output
     assert max(calls.rows("forward", 50)) <= chunk_size
@@ -161,6 +136,35 @@ def test_fused_same_loss_and_gradients_as_the_direct_path(divergence, chunk_size
         assert torch.allclose(a, b.float(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("source", ["dense", "topk"])
+def test_fused_reads_a_cached_teacher(source):
+    """The teacher's logits from a cache: dense [.., V] logits equal the online head's; a top k gives the top-k KL of
+    `losses.topk_soft_target_kl` (renormalised over the k), with the gradient of that function on full logits."""
+    student_head, teacher_head, hidden_s, hidden_t, kl_mask, targets = setup(seed=4)
+    t_logits = teacher_head(hidden_t).detach()
+    topk = t_logits.topk(6, dim=-1)
+    teacher = (TeacherRows(logits=t_logits) if source == "dense"
+               else TeacherRows(topk_ids=topk.indices, topk_logits=topk.values))
+    h1 = hidden_s.clone().requires_grad_(True)
+    loss, sums = fused_head_terms(h1, teacher, student_head.weight, student_head.bias, 2.0, {"ce": 0.8, "lm": 0.3},
+                                  kl_mask=kl_mask, targets=targets, chunk_size=4)
+    loss.backward()
+    h2 = hidden_s.clone().requires_grad_(True)
+    s_logits = student_head(h2).double()
+    if source == "dense":
+        ce = losses.soft_target_kl(s_logits, t_logits.double(), 2.0, mask=kl_mask, reduction="sum")
+        agree = (s_logits.argmax(-1) == t_logits.argmax(-1))[kl_mask].sum()
+    else:
+        ce = losses.topk_soft_target_kl(s_logits, topk.indices, topk.values.double(), 2.0, mask=kl_mask,
+                                        reduction="sum")
+        agree = (s_logits.argmax(-1) == topk.indices[..., 0])[kl_mask].sum()
+    lm = F.cross_entropy(s_logits.reshape(-1, 50), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    (0.8 * ce + 0.3 * lm).backward()
+    assert sums["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert sums["agree"].item() == agree.item()
+    assert torch.allclose(h1.grad, h2.grad.float(), rtol=1e-5, atol=1e-6)
+
+
 def test_fused_tied_embedding_gets_both_gradients():
     """The head's weight is also the input embedding: its gradient is the sum of both uses, as in the direct path."""
     g = torch.Generator().manual_seed(5)
@@ -173,8 +177,8 @@ def test_fused_tied_embedding_gets_both_gradients():
     def hidden():  # a stand-in for the body: embedding lookup, then a nonlinearity
         return torch.tanh(embedding[ids] @ mix)
 
-    loss, _ = losses.fused_head_terms(hidden(), teacher_hidden, embedding, None, teacher_head, 1.5,
-                                      {"ce": 1.0, "lm": 0.5}, targets=targets, chunk_size=5)
+    loss, _ = fused_head_terms(hidden(), online(teacher_head, teacher_hidden), embedding, None, 1.5,
+                               {"ce": 1.0, "lm": 0.5}, targets=targets, chunk_size=5)
     loss.backward()
     fused_grad, embedding.grad = embedding.grad.clone(), None
     s_logits, t_logits = (hidden() @ embedding.t()).double(), teacher_head(teacher_hidden).detach().double()
@@ -188,12 +192,12 @@ def test_fused_tied_embedding_gets_both_gradients():
 def test_fused_without_teacher_and_without_positions():
     student_head, _, hidden_s, _, _, targets = setup(seed=2)
     h = hidden_s.clone().requires_grad_(True)
-    loss, sums = losses.fused_head_terms(h, None, student_head.weight, student_head.bias, None, 1.0, {"lm": 1.0},
-                                         targets=torch.full_like(targets, -100), kl_mask=torch.zeros(3, 7).bool())
+    loss, sums = fused_head_terms(h, None, student_head.weight, student_head.bias, 1.0, {"lm": 1.0},
+                                  targets=torch.full_like(targets, -100), kl_mask=torch.zeros(3, 7).bool())
     loss.backward()
     assert loss.item() == 0 and sums["agree"].item() == 0 and torch.equal(h.grad, torch.zeros_like(h))
-    loss, sums = losses.fused_head_terms(hidden_s, None, student_head.weight, student_head.bias, None, 1.0,
-                                         {"lm": 1.0}, targets=targets, kl_mask=torch.zeros(3, 7).bool(), chunk_size=4)
+    loss, sums = fused_head_terms(hidden_s, None, student_head.weight, student_head.bias, 1.0,
+                                  {"lm": 1.0}, targets=targets, kl_mask=torch.zeros(3, 7).bool(), chunk_size=4)
     expected = F.cross_entropy(student_head(hidden_s).reshape(-1, 50), targets.reshape(-1), ignore_index=-100,
                                reduction="sum")
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and sums["lm"].item() == loss.item()
@@ -235,7 +239,8 @@ def test_trainer_gradient_matches_full_logits(case, divergence, tmp_path, monkey
     chunk, only the positions a term reads, and nothing in the backward."""
     tok, teacher, make, data, lm_weight = masked_case() if case == "mlm" else causal_case(case == "untied")
     weights = dict(alpha_ce=1.0, alpha_mse=0.01, temperature=2.0, divergence=divergence, jsd_beta=0.3, **lm_weight)
-    full = one_step_update(make, teacher, data, PadCollator(tok.pad_token_id), 16, 1, tmp_path, **weights)
+    full = one_step_update(make, teacher, data, PadCollator(tok.pad_token_id), 16, 1, tmp_path, logits_chunk_size=0,
+                           **weights)
 
     calls = LinearCalls(monkeypatch)
     chunked = one_step_update(make, teacher, data, PadCollator(tok.pad_token_id), 4, 4, tmp_path / "chunked",
@@ -253,7 +258,7 @@ def test_trainer_logs_the_same_terms(case, tmp_path):
     tok, teacher, make, data, lm_weight = masked_case() if case == "mlm" else causal_case()
     data = data.select(range(8))
     logs = []
-    for chunk in (None, 5):
+    for chunk in (0, 5):
         args = DistillationArguments(output_dir=str(tmp_path / str(chunk)), report_to=[], use_cpu=True, max_steps=1,
                                      per_device_train_batch_size=4, gradient_accumulation_steps=2, logging_steps=1,
                                      save_strategy="no", alpha_ce=1.0, alpha_cos=0.0,
@@ -266,6 +271,47 @@ def test_trainer_logs_the_same_terms(case, tmp_path):
     lm = "loss_mlm" if case == "mlm" else "loss_clm"
     for key in ("loss", "loss_ce", lm, "teacher_agreement"):
         assert logs[1][key] == pytest.approx(logs[0][key], rel=1e-5), key
+
+
+def test_fused_is_the_default_in_training_and_full_logits_evaluate(tmp_path, monkeypatch):
+    """logits_chunk_size=None: in training, the heads project chunks of the auto size (only the positions a term
+    reads); evaluation and logits_chunk_size=0 project every position at once."""
+    tok, teacher, make, data, lm_weight = causal_case()
+    vocab = teacher.config.vocab_size
+
+    def projected(chunk, train=True):
+        args = DistillationArguments(output_dir=str(tmp_path / str(chunk)), report_to=[], use_cpu=True, max_steps=1,
+                                     per_device_train_batch_size=8, save_strategy="no", alpha_ce=1.0, alpha_cos=0.0,
+                                     alpha_mlm=0.0, logits_chunk_size=chunk, **lm_weight)
+        trainer = DistillationTrainer(model=make(), teacher_model=teacher, args=args, train_dataset=data.select(range(8)),
+                                      data_collator=PadCollator(tok.pad_token_id))
+        calls = LinearCalls(monkeypatch)
+        trainer.train() if train else trainer.evaluate(eval_dataset=data.select(range(8)))
+        monkeypatch.undo()
+        return trainer, [n for _, n, v in calls.calls if v == vocab]
+
+    trainer, rows = projected(None)
+    assert trainer._chunk_size == auto_chunk_size(vocab) and rows and max(rows) <= trainer._chunk_size
+    _, rows = projected(None, train=False)
+    assert max(rows) == 8 * max(len(x) for x in data.select(range(8))["input_ids"])  # [batch x length] at once
+    trainer, rows = projected(0)
+    assert trainer._chunk_size is None and max(rows) > auto_chunk_size(vocab)
+
+
+def test_default_falls_back_to_full_logits_where_the_path_cannot_apply(tmp_path, caplog):
+    """A head that rescales its logits: the default computes the terms from full logits (and says why); an explicit
+    logits_chunk_size is refused (test_refused_where_it_cannot_work)."""
+    softcapped = tiny.tiny_gpt2_lm()
+    softcapped.config.final_logit_softcapping = 30.0
+    args = DistillationArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, alpha_mlm=0.0, alpha_clm=1.0,
+                                 alpha_cos=0.0)
+    with caplog.at_level("INFO", logger="distil_trainer.chunked_head"):
+        trainer = DistillationTrainer(model=tiny.tiny_gpt2_lm(layers=2), teacher_model=softcapped, args=args)
+    assert trainer._chunk_size is None and "transforms its LM head's output" in caplog.text
+    classifier = DistillationTrainer(model=tiny.tiny_bert_classifier(), teacher_model=tiny.tiny_bert_classifier(),
+                                     args=DistillationArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                                                alpha_mlm=0.0, alpha_cos=0.0))
+    assert classifier._chunk_size is None
 
 
 def test_trainer_skips_a_nonfinite_chunked_step(tmp_path):
@@ -288,7 +334,7 @@ def test_trainer_skips_a_nonfinite_chunked_step(tmp_path):
 def test_refused_where_it_cannot_work(tmp_path):
     args = DistillationArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, logits_chunk_size=64,
                                  alpha_mlm=0.0, alpha_mse=1.0, alpha_ce=0.0, alpha_cos=0.0)
-    with pytest.raises(ValueError, match="needs a causal-LM or masked-LM student.*logits_chunk_size=None"):
+    with pytest.raises(ValueError, match="needs a causal-LM or masked-LM student.*logits_chunk_size=0"):
         DistillationTrainer(model=tiny.tiny_bert_classifier(), teacher_model=tiny.tiny_bert_classifier(), args=args)
     softcapped = tiny.tiny_gpt2_lm()
     softcapped.config.final_logit_softcapping = 30.0
@@ -296,5 +342,44 @@ def test_refused_where_it_cannot_work(tmp_path):
                                  alpha_mlm=0.0, alpha_clm=1.0, alpha_cos=0.0)
     with pytest.raises(ValueError, match="teacher GPT2LMHeadModel transforms its LM head's output"):
         DistillationTrainer(model=tiny.tiny_gpt2_lm(layers=2), teacher_model=softcapped, args=args)
-    with pytest.raises(ValueError, match="logits_chunk_size=0 must be >= 1"):
-        DistillationArguments(output_dir=str(tmp_path), logits_chunk_size=0)
+    with pytest.raises(ValueError, match="logits_chunk_size=-1 must be >= 1 rows per chunk, 0 for full logits"):
+        DistillationArguments(output_dir=str(tmp_path), logits_chunk_size=-1)
+
+
+@pytest.mark.parametrize("loss_scale", [2.0**15, 2.0**16])
+def test_fused_fp16_gradients_are_kept_in_fp32_until_scaled(loss_scale):
+    """fp16 weights and hidden states with a loss scale (DeepSpeed fp16): the coefficient of a large step makes each
+    unscaled gradient tiny, below fp16's normal range. They are stored in fp32 and cast only after backward applied
+    grad_output, so the scaled gradients match float64 to fp16 precision (none flushed to zero, none overflowed)."""
+    g = torch.Generator().manual_seed(7)
+    rows, vocab, width = 512, 128, 32
+    hidden = (torch.randn(rows, width, generator=g) * 2).half().requires_grad_(True)
+    weight = (torch.randn(vocab, width, generator=g) * 0.5).half().requires_grad_(True)
+    teacher_hidden = torch.randn(rows, width, generator=g).half()
+    teacher_head = torch.nn.Linear(width, vocab).half()
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    coefs = {"ce": 5.0 / 524288, "lm": 2.0 / 524288}  # weight / the item count of a 524k-token optimizer step
+    loss, _ = fused_head_terms(hidden, online(teacher_head, teacher_hidden), weight, None, 2.0, coefs,
+                               targets=targets, chunk_size=100)
+    loss.backward(torch.tensor(loss_scale))
+    # float64 from the fp16 logits on (the logits themselves are a product in the weights' dtype, as in the model)
+    s = (hidden.detach() @ weight.detach().t()).double().requires_grad_(True)
+    t = teacher_head.double()(teacher_hidden.double()).detach()
+    p_t = (t / 2.0).softmax(-1)
+    ce = (p_t * (p_t.log() - (s / 2.0).log_softmax(-1))).sum() * 4.0
+    lm = F.cross_entropy(s, targets, reduction="sum")
+    ((coefs["ce"] * ce + coefs["lm"] * lm) * loss_scale).backward()
+    want_h, want_w = s.grad @ weight.detach().double(), s.grad.t() @ hidden.detach().double()
+    for got, want in ((hidden.grad, want_h), (weight.grad, want_w)):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all()
+        assert ((got.double() - want).abs() <= 2e-3 * want.abs() + 1e-5 * want.abs().max()).all()
+
+
+def test_fused_second_backward_says_what_happened():
+    student_head, teacher_head, hidden_s, hidden_t, kl_mask, targets = setup(seed=3)
+    h = hidden_s.clone().requires_grad_(True)
+    loss, _ = fused_head_terms(h, online(teacher_head, hidden_t), student_head.weight, student_head.bias, 2.0,
+                               {"ce": 1.0}, kl_mask=kl_mask, chunk_size=4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the fused LM-head loss"):
+        loss.backward()

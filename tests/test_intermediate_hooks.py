@@ -53,7 +53,6 @@ def run_and_capture(model, layer, ids):
     capture = intermediate.QKVCapture(model, layer)
     with torch.no_grad(), capture.recording() as qkv:
         out = model(input_ids=ids, output_hidden_states=True)
-    capture.remove()
     return dict(qkv), out.hidden_states
 
 
@@ -109,11 +108,11 @@ def test_hooks_record_nothing_outside_recording_and_keep_the_graph():
     assert capture.outputs == {}
     with capture.recording() as qkv:
         model(input_ids=IDS)
+        assert any(m._forward_hooks for m in model.modules())
     assert set(qkv) == {"query", "key", "value"} and qkv["query"].requires_grad
+    assert not any(m._forward_hooks for m in model.modules())  # hooks exist during the recording only
     model(input_ids=IDS[:1])  # a later forward (e.g. a checkpointed layer re-run) leaves the recording alone
     assert qkv["query"].shape[0] == 2
-    capture.remove()
-    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_hooks_name_what_they_could_not_find():

@@ -146,9 +146,18 @@ def test_terms_are_logged_and_train_on_a_causal_llama(tmp_path):
     for entry in logged:
         assert {"loss_clm", "loss_hidden", "loss_relation"} <= entry.keys()
         assert entry["loss_hidden"] > 0 and entry["loss_relation"] > 0
+    # No hook of the trainer (query/key/value capture, width projections) is left on either model.
+    assert trainer_hooks(student, teacher) == []
     # Evaluation goes through the same loss, and hands Trainer only the logits (no hidden states).
     metrics = trainer.evaluate(eval_dataset=data.select(range(4)))
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert trainer_hooks(student, teacher) == []
+
+
+def trainer_hooks(*models):
+    """The forward hooks of distil_trainer on the models (transformers installs output-capturing hooks of its own)."""
+    return [hook for model in models for module in model.modules() for hook in module._forward_hooks.values()
+            if getattr(hook, "__module__", "").startswith("distil_trainer")]
 
 
 # ---- exact under accumulation: one SGD step from 16 examples, batch 16 x 1 vs batch 4 x 4 ----

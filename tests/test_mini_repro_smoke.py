@@ -1,6 +1,7 @@
 """benchmarks/mini_repro.py --smoke end to end with two seeds: five distilled variants per seed sharing one fitted
-teacher head and one teacher-output cache per seed, GLUE fine-tuning of the teacher and every student per seed, and
-the two tables with mean ± std and range over the seeds."""
+teacher head and one teacher-output cache per seed, an embedding-distilled student per seed (the shipped teacher, no
+head, no cache, saved as a sentence-transformers model), GLUE fine-tuning of the teacher and every student per seed,
+and the two tables with mean ± std and range over the seeds."""
 
 import importlib.util
 import json
@@ -41,7 +42,7 @@ def test_smoke_run_with_two_seeds_shares_the_teacher_and_aggregates(tmp_path, ca
                         "STS-B bi-encoder (Pearson/Spearman) | % of teacher | STS-B zero-shot (Spearman) |")
     rows = {line.split(" | ")[0][2:]: line[:-2].split(" | ")[1:] for line in lines[1:]}
     keys = [("teacher", mini_repro.TEACHER_LABEL), ("extracted", mini_repro.EXTRACTED_LABEL)] + [
-        (k, label) for k, label, *_ in mini_repro.VARIANTS]
+        (k, label) for k, label, *_ in mini_repro.VARIANTS] + [("embed", mini_repro.EMBED_LABEL)]
     assert list(rows) == [label for _, label in keys]
 
     # Each model's SST-2 dev accuracy and STS-B bi-encoder Pearson/Spearman per seed, from its results files; the
@@ -91,8 +92,8 @@ def test_smoke_run_with_two_seeds_shares_the_teacher_and_aggregates(tmp_path, ca
     # Ablation: the variant minus the triple-loss student of the same seed, mean ± std over the seeds; last, the
     # student with no distillation at all.
     ablation = [line for line in ablation_part.splitlines() if line.startswith("| ")][1:]
-    assert len(ablation) == 5
-    for line, key in zip(ablation, ("no_ce", "no_cos", "no_mlm", "random_init", "extracted")):
+    assert len(ablation) == 6
+    for line, key in zip(ablation, ("no_ce", "no_cos", "no_mlm", "random_init", "extracted", "embed")):
         diffs = [macro_score(key, s) - macro_score("triple", s) for s in seeds]
         mean, std = mean_std(*diffs)
         cell = line.split(" | ")[1]
@@ -107,9 +108,12 @@ def test_smoke_run_with_two_seeds_shares_the_teacher_and_aggregates(tmp_path, ca
         assert entry["runs"] == {"triple": "built", "no_ce": "reused", "no_cos": "reused", "no_mlm": "reused",
                                  "random_init": "reused"}
         assert (out / "teacher_cache" / f"seed-{seed}" / "teacher_cache.json").exists()
+        coverage = entry["topk_coverage"]  # the teacher's probability inside the cached top k (at T = 2 <= at T = 1)
+        assert coverage["temperature"] == 2.0 and 0 < coverage["mass_at_temperature"] <= coverage["mass_t1"] <= 1
+    assert "Top-k coverage: at the masked positions its top" in markdown
     assert printed.count("cache teacher outputs: built") == 2
     assert printed.count("cache teacher outputs: reused") == 8
-    assert printed.count("(teacher outputs from the cache)") == 10  # no variant ran the teacher while training
+    assert printed.count("(teacher outputs from the cache)") == 10  # no triple-loss variant ran the teacher
 
     # One teacher head, fitted once (first seed, first variant) and loaded by every other run; the random-init
     # student really is random.
@@ -128,9 +132,30 @@ def test_smoke_run_with_two_seeds_shares_the_teacher_and_aggregates(tmp_path, ca
                           .read_text())["distillation"]["student_init"] == "random"
     assert set(result["timings"]) >= {"total", "GLUE seed 56 teacher", "GLUE seed 57 teacher"}
 
+    # The embedding-distilled students: from the shipped teacher (a sentence-transformers folder), no head fitted,
+    # logged L_embed only, and saved as sentence-transformers models; their zero-shot cell is recomputed here.
+    shipped = str(mini_repro_teacher())
+    for seed in seeds:
+        run = out / "distil" / f"seed-{seed}" / "embed"
+        config = json.loads((run / "student" / "config.json").read_text())
+        assert config["distillation"]["teacher"] == shipped and config["distillation"]["teacher_layers"] == [0, 3, 5]
+        assert not (run / "teacher_mlm_head").exists()
+        assert (run / "student" / "modules.json").exists() and (run / "student" / "2_Normalize").is_dir()
+        logged = [r for r in json.loads((run / "student" / "training_log.json").read_text()) if "loss" in r]
+        assert logged and all("loss_embed" in r and "loss_ce" not in r and "loss_mlm" not in r for r in logged)
+    mean, std = mean_std(*(zero_shot(out / "distil" / f"seed-{s}" / "embed" / "student", stsb) for s in seeds))
+    got_mean, got_std = (float(x) for x in rows[mini_repro.EMBED_LABEL][5].split(" ± "))
+    assert (got_mean, got_std) == (pytest.approx(mean, abs=0.051), pytest.approx(std, abs=0.051))
+
     # The same command again reuses everything; other sizes on the same folder are refused.
     with pytest.raises(FileExistsError, match="other sizes"):
         mini_repro.main(["--smoke", "--output_dir", str(out), "--glue_dir", str(GLUE), "--seeds", "56"])
+
+
+def mini_repro_teacher():
+    from distil_trainer.pipeline.demo_inputs import demo_teacher_dir
+
+    return demo_teacher_dir()
 
 
 def zero_shot(folder, rows):

@@ -117,6 +117,32 @@ def test_trainer_distils_on_the_generated_tokens(tmp_path, source):
     assert trainer._on_policy.generated[source] == 1
 
 
+def test_a_batch_not_drawn_is_scored_on_its_continuation_only(tmp_path):
+    """0 < lmbda < 1: a micro-batch that keeps the dataset's continuation is scored like a generated one, L_ce and
+    L_clm on the tokens after the prompt only (as GKD and TRL), never on the prompt."""
+    student, teacher = tiny_llama(0), tiny_llama(1)
+    trainer = make_trainer(tmp_path, student, teacher, lmbda=0.5, alpha_clm=1.0, seed=0)
+    step = next(s for s in range(100) if not draw_on_policy(0.5, step_key(0, s, 0, 0)))
+    trainer.state.global_step = step
+    batch = right_padded_batch()
+    (kept,), _ = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+    assert torch.equal(kept["input_ids"], batch["input_ids"]) and trainer._on_policy.generated["student"] == 0
+    student.train()
+    loss = trainer.compute_loss(student, kept)
+
+    kls, nlls = [], []
+    for i, p in enumerate(batch["prompt_length"].tolist()):
+        seq = batch["input_ids"][i, :int(batch["attention_mask"][i].sum())].tolist()
+        with torch.no_grad():
+            log_s = student(torch.tensor([seq])).logits[0].double().log_softmax(-1)
+            log_t = teacher(torch.tensor([seq])).logits[0].double().log_softmax(-1)
+        for t in range(p - 1, len(seq) - 1):  # positions whose next token is in the continuation
+            kls.append((log_t[t].exp() * (log_t[t] - log_s[t])).sum())
+            nlls.append(-log_s[t, seq[t + 1]])
+    expected = torch.stack(kls).mean() + torch.stack(nlls).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_off_by_default_and_refused_without_prompts(tmp_path):
     student, teacher = tiny_llama(0), tiny_llama(1)
     assert make_trainer(tmp_path, student, teacher)._on_policy is None

@@ -100,7 +100,10 @@ def test_teacher_without_mlm_head_is_refused_unless_fitted(tmp_path, capsys):
                          max_position_embeddings=128)).save_pretrained(teacher_dir)
     tiny.bert_tokenizer().save_pretrained(teacher_dir)
     corpus = make_corpus(tmp_path / "corpus.txt", n=80)
-    argv = recipe_argv(tmp_path, str(teacher_dir), corpus, student_layers="0", max_steps=2)
+    # A bare checkpoint is a sentence-embedding teacher to distillation_objective=auto (test_pipeline_objective.py);
+    # the logits objective asks for an MLM head.
+    argv = recipe_argv(tmp_path, str(teacher_dir), corpus, student_layers="0", max_steps=2,
+                       distillation_objective="logits")
     with pytest.raises(SystemExit):
         main(argv=argv)
     assert "has no pretrained LM head" in capsys.readouterr().err

@@ -99,28 +99,33 @@ def test_what_a_cache_cannot_train_is_refused_before_the_teacher_pass(tmp_path, 
 
 @pytest.mark.parametrize("rows, batch, accumulation, world, drop_last, steps, expected", [
     (16, 4, 1, 1, False, 6, 2), (16, 4, 1, 1, False, 4, 1), (17, 4, 1, 1, False, 10, 2), (17, 4, 1, 1, True, 10, 3),
-    (16, 4, 1, 2, False, 6, 3), (16, 2, 4, 1, False, 3, 2)])
+    (16, 4, 1, 2, False, 6, 3), (16, 2, 4, 1, False, 3, 2), (20, 4, 1, 3, False, 6, 3), (20, 4, 1, 3, True, 6, 6),
+    (44, 4, 2, 3, True, 5, 3), (44, 4, 2, 3, False, 5, 3)])
 def test_cached_epochs_are_the_trainers(tmp_path, rows, batch, accumulation, world, drop_last, steps, expected):
-    """The epochs the stage caches equal those Trainer runs (its set_initial_training_values, one process)."""
+    """The epochs the stage caches equal those Trainer runs (its set_initial_training_values) on every rank's
+    dataloader, sharded by accelerate's own BatchSamplerShard as `Accelerator.prepare` shards it."""
     from types import SimpleNamespace
+
+    from accelerate.data_loader import BatchSamplerShard
+    from datasets import Dataset
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+    from distil_trainer import DistillationArguments, DistillationTrainer
+    import tiny
 
     args = SimpleNamespace(max_steps=steps, num_train_epochs=3.0, per_device_train_batch_size=batch,
                            gradient_accumulation_steps=accumulation, dataloader_drop_last=drop_last)
     assert training_epochs(args, rows, world) == expected
-    if world == 1:
-        from datasets import Dataset
-        from torch.utils.data import DataLoader
-
-        from distil_trainer import DistillationArguments, DistillationTrainer
-        import tiny
-
-        t_args = DistillationArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch,
-                                       gradient_accumulation_steps=accumulation, dataloader_drop_last=drop_last,
-                                       report_to=[], use_cpu=True)
-        trainer = DistillationTrainer(model=tiny.tiny_distilbert_mlm(), teacher_model=tiny.tiny_bert_mlm(),
-                                      args=t_args)
-        loader = DataLoader(Dataset.from_dict({"x": list(range(rows))}), batch_size=batch, drop_last=drop_last)
-        assert trainer.set_initial_training_values(t_args, loader)[0] == expected
+    t_args = DistillationArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch,
+                                   gradient_accumulation_steps=accumulation, dataloader_drop_last=drop_last,
+                                   report_to=[], use_cpu=True)
+    trainer = DistillationTrainer(model=tiny.tiny_distilbert_mlm(), teacher_model=tiny.tiny_bert_mlm(), args=t_args)
+    data = Dataset.from_dict({"x": list(range(rows))})
+    for rank in range(world):
+        batches = BatchSampler(SequentialSampler(data), batch_size=batch, drop_last=drop_last)
+        shard = BatchSamplerShard(batches, num_processes=world, process_index=rank, even_batches=True)
+        loader = DataLoader(data, batch_sampler=shard)
+        assert trainer.set_initial_training_values(t_args, loader)[0] == expected, f"rank {rank}"
 
 
 def test_a_fitted_teacher_head_has_the_saved_teachers_identity_on_every_rank(tmp_path):

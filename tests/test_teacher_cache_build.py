@@ -292,3 +292,87 @@ def test_cli_end_to_end_on_a_saved_teacher(tmp_path, bert, capsys):
     err = capsys.readouterr().err
     assert "different masking" in err, err[-600:]
     assert main(args[:-2] + ["--seed", "6", "--overwrite"]) == 0
+
+
+# A build in another process that stops inside its teacher pass until `release` exists.
+_HOLDING_BUILD = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, "tests")
+import datasets
+import tiny
+from distil_trainer.data.collators import MaskedLMCollator
+from distil_trainer.teacher_cache import build, build_teacher_cache
+
+data, out, ready, release = sys.argv[1:5]
+real = build._compute_missing_shards
+
+def held(*args, **kwargs):
+    Path(ready).touch()
+    while not Path(release).exists():
+        time.sleep(0.05)
+    return real(*args, **kwargs)
+
+build._compute_missing_shards = held
+tok = tiny.bert_tokenizer()
+build_teacher_cache(tiny.tiny_bert_mlm(layers=2), datasets.load_from_disk(data), out, tok, top_k=3, batch_size=4,
+                    mlm_collator=MaskedLMCollator(tok, mlm_smoothing=0, seed=7), verbose=False)
+"""
+
+
+@pytest.mark.reliability(fault="a second build of a teacher cache folder while another process builds it",
+                         outcome="refused with a message naming the other build (pid, host, start, command); once "
+                                 "that build is done, the same call reuses its cache")
+def test_a_second_concurrent_build_of_one_cache_is_refused(tmp_path, bert, mlm_data):
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from distil_trainer.run_lock import OutputDirInUse
+
+    tok, model = bert[0], tiny.tiny_bert_mlm(layers=2)  # as the other process makes it (no saved config change)
+    mlm_data.save_to_disk(str(tmp_path / "data"))
+    data = datasets.load_from_disk(str(tmp_path / "data"))
+    out, ready, release = tmp_path / "cache", tmp_path / "ready", tmp_path / "release"
+    other = subprocess.Popen([sys.executable, "-c", _HOLDING_BUILD, str(tmp_path / "data"), str(out), str(ready),
+                              str(release)], cwd=tiny.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert other.poll() is None, other.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the other build never started"
+            time.sleep(0.1)
+        settings = dict(top_k=3, batch_size=4, verbose=False)
+        with pytest.raises(OutputDirInUse, match=rf"The teacher cache '{re.escape(str(out))}' \(being built\) is in "
+                                                 rf"use by run pid {other.pid} on .* since .*Wait for it to finish"):
+            build_teacher_cache(model, data, out, tok, mlm_collator=collator(tok), **settings)
+    finally:
+        release.touch()
+        _, err = other.communicate(timeout=300)
+    assert other.returncode == 0, err[-3000:]
+    assert not (tmp_path / ".cache.build.lock").exists()  # released
+    cache = build_teacher_cache(model, data, out, tok, mlm_collator=collator(tok), **settings)
+    assert cache.stats["rows"] == len(data)  # the other process's cache, reused: same teacher, data and settings
+
+
+def test_coverage_is_measured_at_the_training_temperature(tmp_path, bert, mlm_data, capsys):
+    """stats: the teacher's mean probability inside the stored top k, at T = 1 and at the given temperature,
+    against a plain float64 softmax of a forward over the cached (masked) inputs."""
+    tok, model = bert
+    cache = build_teacher_cache(model, mlm_data, tmp_path / "c", tok, top_k=7, batch_size=B,
+                                mlm_collator=collator(tok), temperature=2.0)
+    assert "mass at T      " in capsys.readouterr().out
+    masses = {1.0: [], 2.0: []}
+    with torch.no_grad():
+        for row in cache.epoch(0).select_columns(["input_ids", "teacher_positions"]).to_list():
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, row["teacher_positions"]].double()
+            for T in masses:
+                p = torch.softmax(logits / T, -1)
+                masses[T] += p.topk(7, dim=-1).values.sum(-1).tolist()
+    s = cache.stats
+    assert s["topk_mass_temperature"] == 2.0
+    assert s["topk_mass_mean"] == pytest.approx(sum(masses[1.0]) / len(masses[1.0]), rel=1e-4)
+    assert s["topk_mass_mean_at_temperature"] == pytest.approx(sum(masses[2.0]) / len(masses[2.0]), rel=1e-4)
+    assert s["topk_mass_mean_at_temperature"] < s["topk_mass_mean"]  # a flatter teacher at T = 2

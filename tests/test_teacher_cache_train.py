@@ -109,8 +109,8 @@ def mlm_top8_cache(tmp_path_factory):
 def train(out, student, steps=2, batch=8, accumulation=1, lr=0.1, **kw):
     """(parameter update, logged losses, trainer) of `steps` SGD steps (no clipping, constant rate)."""
     before = torch.cat([p.detach().flatten().clone() for p in student.parameters()])
-    weights = {k: kw.pop(k) for k in list(kw) if k.startswith("alpha_") or k in ("restrict_ce_to_mask",
-                                                                                 "temperature", "divergence")}
+    weights = {k: kw.pop(k) for k in list(kw) if k.startswith("alpha_") or k in (
+        "restrict_ce_to_mask", "temperature", "divergence", "logits_chunk_size")}
     args = DistillationArguments(
         output_dir=str(out), report_to=[], use_cpu=True, max_steps=steps, learning_rate=lr, logging_steps=1,
         lr_scheduler_type="constant", max_grad_norm=0.0, per_device_train_batch_size=batch,
@@ -200,24 +200,30 @@ def test_a_top_k_cache_trains_the_renormalised_kl(mlm_top8_cache, tmp_path, capl
 
 
 def test_the_student_head_projects_only_the_masked_rows(mlm_top8_cache, tmp_path, monkeypatch):
-    """From a top-k cache, a masked-LM student's head runs on the masked rows only (L_ce and L_mlm read nothing
-    else), and the training equals the one where the head projects every token."""
-    tok = tiny.bert_tokenizer()
-    student, projected = mlm_student(), []
-    student.get_output_embeddings().register_forward_hook(lambda module, args, out: projected.append(args[0].shape))
-    weights = dict(alpha_ce=5.0, alpha_mlm=2.0, restrict_ce_to_mask=True)  # the top-8 cache holds no hidden states
-    rows = train(tmp_path / "rows", student, steps=1, teacher_cache=mlm_top8_cache, processing_class=tok, **weights)
-    assert rows[2]._cache.rows_only
-    masked = sum(sum(label != -100 for label in labels) for labels in mlm_top8_cache.epoch(0)["labels"])
-    width = student.config.dim
-    # The forward passes the features through ([B, L, D]), then the head projects the masked rows alone.
-    assert [s for s in projected if len(s) == 2] == [torch.Size([masked, width])]
+    """From a top-k cache, a masked-LM student's head runs on the masked rows only (the fused head path: L_ce and
+    L_mlm read nothing else), and the training equals the one on full logits (logits_chunk_size=0)."""
+    import torch.nn.functional as F
 
-    from distil_trainer.teacher_cache import training
-    monkeypatch.setattr(training, "_projects_its_own_head", lambda student, args: False)
+    tok = tiny.bert_tokenizer()
+    student = mlm_student()
+    vocab, projected = student.config.vocab_size, []
+    linear = F.linear
+
+    def counting(x, weight, bias=None):
+        if weight.shape[0] == vocab:
+            projected.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return linear(x, weight, bias)
+
+    weights = dict(alpha_ce=5.0, alpha_mlm=2.0, restrict_ce_to_mask=True)  # the top-8 cache holds no hidden states
+    monkeypatch.setattr(F, "linear", counting)
+    rows = train(tmp_path / "rows", student, steps=1, teacher_cache=mlm_top8_cache, processing_class=tok, **weights)
+    monkeypatch.undo()
+    assert rows[2]._chunk_size is not None
+    masked = sum(sum(label != -100 for label in labels) for labels in mlm_top8_cache.epoch(0)["labels"])
+    assert sum(projected) == masked and max(projected) <= rows[2]._chunk_size  # the masked rows, in chunks
     every_token = train(tmp_path / "all", mlm_student(), steps=1, teacher_cache=mlm_top8_cache,
-                        processing_class=tok, **weights)
-    assert not every_token[2]._cache.rows_only
+                        processing_class=tok, logits_chunk_size=0, **weights)
+    assert every_token[2]._chunk_size is None
     assert_same_training(every_token, rows, ("loss", "loss_ce", "loss_mlm", "teacher_agreement"))
 
 
@@ -279,7 +285,6 @@ REFUSALS = [
     (dict(alpha_attn=1.0), "intermediate-layer terms"),
     (dict(alpha_relation=1.0), "intermediate-layer terms"),
     (dict(lmbda=0.5), "on-policy"),
-    (dict(logits_chunk_size=8), "logits_chunk_size=8"),
     (dict(restrict_ce_to_mask=False), "restrict_ce_to_mask=True"),
 ]
 

@@ -136,3 +136,26 @@ def test_students_copy_an_untied_decoder(tmp_path, student_type):
     # A student of the teacher's full depth would give the teacher's logits: check the head path on one layer.
     with torch.no_grad():
         student(input_ids=ids)
+
+
+def test_a_missing_head_starts_from_the_run_seed_whatever_the_process_rng(tmp_path):
+    """The random start of a head the checkpoint lacks is drawn from the seed passed in, not from the process's RNG
+    state (which differs between ranks and runs); the caller's RNG stream is left where it was."""
+    _bare_teacher(tmp_path)
+    path = str(tmp_path / "bare")
+
+    def head(seed, consume):
+        torch.randn(consume)  # RNG use before loading, as another rank or another program would differ in
+        before = torch.random.get_rng_state()
+        teacher, missing = extraction.load_teacher(path, seed=seed)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        assert "cls.predictions.transform.dense.weight" in missing
+        return teacher.cls.predictions.transform.dense.weight.detach().clone()
+
+    assert torch.equal(head(5, 1), head(5, 1000))
+    assert not torch.equal(head(5, 1), head(6, 1))
+    # The trainer's loader (a teacher given by name) draws it the same way, from args.seed.
+    from distil_trainer.model_utils import MASKED_LM, load_teacher
+
+    by_name = load_teacher(path, MASKED_LM, seed=5).cls.predictions.transform.dense.weight
+    assert torch.equal(by_name, head(5, 7))

@@ -20,7 +20,11 @@ def add_arguments(parser):
     parser.add_argument("--hidden_layers", type=int, nargs="*", default=[],
                         help="Hidden states to store (0 = embeddings, -1 = last layer), e.g. --hidden_layers -1.")
     parser.add_argument("--head", default=None, help="Teacher head, when its config does not tell (e.g. masked_lm).")
-    parser.add_argument("--epochs", type=int, default=1, help="MLM: masked copies to cache, one per training epoch.")
+    parser.add_argument("--epochs", type=int, default=1, help="MLM: masked copies to cache, one per training epoch "
+                        "(training more epochs than copies is refused).")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="Training temperature: the top-k coverage statistic is also measured at it (default 1; "
+                             "what is stored does not depend on it).")
     mlm = parser.add_argument_group("masked-LM masking (as in training)")
     mlm.add_argument("--token_counts", default=None,
                      help="Token counts .npy (distil-trainer token-counts; default: <data>/token_counts.npy if "
@@ -69,6 +73,7 @@ def mlm_collator(args, tokenizer):
 
 def run(args):
     from ..model_utils import MASKED_LM, load_tokenizer
+    from ..run_lock import OutputDirInUse
     from ..teacher_cache import build_teacher_cache
     from ..teacher_cache.build import resolve_teacher
 
@@ -80,8 +85,9 @@ def run(args):
         build_teacher_cache(teacher, data, args.output_dir, tokenizer, head=head, top_k=args.top_k or None,
                             positions=args.positions, dtype=args.dtype, hidden_layers=args.hidden_layers,
                             epochs=args.epochs, mlm_collator=collator, batch_size=args.batch_size,
-                            shard_rows=args.shard_rows, device=args.device, overwrite=args.overwrite, verbose=True)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+                            shard_rows=args.shard_rows, device=args.device, overwrite=args.overwrite, verbose=True,
+                            temperature=args.temperature)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, OutputDirInUse) as err:
         print(f"distil-trainer cache-teacher: error: {err}", file=sys.stderr)
         return 2
     return 0

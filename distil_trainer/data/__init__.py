@@ -8,11 +8,11 @@ otherwise the sampler recomputes lengths by reading every example.
 """
 
 from .binarize import LENGTH_COLUMN, METADATA_FILE, BinarizeResult, BinarizeStats, binarize, load_binarized
-from .collators import CausalLMCollator, MaskedLMCollator
+from .collators import CausalLMCollator, MaskedLMCollator, PaddingCollator
 from .token_counts import TokenCountsResult, compute_token_counts, count_tokens, load_token_counts
 
 __all__ = [
     "LENGTH_COLUMN", "METADATA_FILE", "BinarizeResult", "BinarizeStats", "binarize", "load_binarized",
-    "CausalLMCollator", "MaskedLMCollator",
+    "CausalLMCollator", "MaskedLMCollator", "PaddingCollator",
     "TokenCountsResult", "compute_token_counts", "count_tokens", "load_token_counts",
 ]

@@ -174,6 +174,241 @@ def _iterate(iterable):
     yield from iterable
 
 
+@dataclass
+class _Source:
+    """The resolved input: local text files (read into Arrow at build time) or a Hub dataset, maybe a stream."""
+    files: list | None  # None for a Hub dataset
+    hub_text: object  # datasets.Dataset or IterableDataset; None for files
+    text_column: str
+    name: object  # file_path or dataset_name, for messages
+    identity: dict  # what the fingerprint records about the input
+
+
+@dataclass
+class _Plan:
+    """One `binarize` call resolved: what to read, how to tokenize and pack it, and the fingerprint of its output."""
+    tokenizer: object
+    rules: SequenceRules
+    source: _Source
+    pack: int | None
+    batch_size: int
+    num_proc: int | None
+    options: dict
+    parts: dict  # hashes of tokenizer, input and options: a mismatch message names the ones that changed
+    fingerprint: str
+
+
+def _check_arguments(file_path, dataset_name, pack, num_proc):
+    if (file_path is None) == (dataset_name is None):
+        raise ValueError("Pass exactly one input: file_path (--file_path) or dataset_name (--dataset_name).")
+    if pack is not None and pack < 2:
+        raise ValueError(f"pack (block size) must be at least 2, got {pack}.")
+    if num_proc is not None and num_proc < 1:
+        raise ValueError(f"num_proc must be >= 1, got {num_proc}.")
+
+
+def _sequence_rules(tokenizer, max_length, min_length, max_unk_share):
+    begin, end, unk = wrapping_token_ids(tokenizer)
+    return SequenceRules(begin_id=begin, end_id=end, max_length=resolve_max_length(tokenizer, max_length),
+                         min_length=min_length, unk_id=unk, max_unk_share=max_unk_share)
+
+
+def _resolve_input(file_path, dataset_name, dataset_config, split, text_column, streaming, num_proc):
+    if file_path is not None:
+        files = list_text_files(file_path)
+        # The files are read into an Arrow table whose one column is "text", whatever text_column says.
+        return _Source(files, None, "text", file_path, {"files": file_identity(files)})
+    if streaming and num_proc not in (None, 1):
+        logger.warning("num_proc is ignored with streaming=True (a stream is tokenized in one process).")
+    text_ds = load_hub_text(dataset_name, dataset_config, split, text_column, streaming)
+    identity = hub_identity(text_ds, dataset_name, dataset_config, split, text_column, streaming)
+    return _Source(None, text_ds, text_column, dataset_name, identity)
+
+
+def _plan(tokenizer, rules, source, pack, batch_size, num_proc):
+    """The options that shape the output, and the fingerprint of tokenizer + input + options."""
+    options = {"rules": rules.as_dict(), "pack": pack}
+    if pack is not None:  # packing drops a tail per map batch, so batching shapes the output
+        options.update(batch_size=batch_size, num_proc=num_proc)
+    parts = {"tokenizer": cache.stable_hash(cache.tokenizer_identity(tokenizer)),
+             "input": cache.stable_hash(source.identity), "options": cache.stable_hash(options)}
+    fingerprint = cache.stable_hash({"format_version": FORMAT_VERSION, **parts})
+    return _Plan(tokenizer, rules, source, pack, batch_size, num_proc, options, parts, fingerprint)
+
+
+def _reusable_output(output_dir, plan, verify_checksums, overwrite):
+    """(dataset, metadata) of an intact output with this fingerprint, else None: build it. An output of other
+    inputs or options, or a foreign path, is refused unless `overwrite`; a damaged one is rebuilt."""
+    state, detail = _inspect_output(output_dir, plan.fingerprint, plan.parts, verify_checksums)
+    if state == "hit":
+        return detail
+    if state in ("mismatch", "foreign") and not overwrite:
+        raise ValueError(f"{detail}. Pass overwrite=True (--overwrite) to replace it, or choose another output "
+                         "directory (--dump_file).")
+    if state == "corrupt":
+        logger.warning("Cached output %s is damaged (%s); rebuilding it.", output_dir, "; ".join(detail))
+    return None
+
+
+def _cache_hit_result(output_dir, dataset, meta, start, verbose):
+    stats = BinarizeStats(**meta["stats"])
+    if verbose:
+        print(format_summary(stats, True, output_dir) + f"\n  (cache checked in {time.perf_counter() - start:.1f}s)")
+    return BinarizeResult(dataset, output_dir, True, stats, meta)
+
+
+def _read_files(files, work, stats, verbose):
+    """The lines of `files` as a one-column ("text") Dataset on an Arrow file in `work`; counts undecodable lines."""
+    import datasets
+    from tqdm.auto import tqdm
+
+    with tqdm(desc="Reading text", unit=" lines", disable=not verbose) as bar:
+        report = write_text_arrow(files, work / "text.arrow", progress=bar)
+    stats.lines_with_bad_bytes = report.lines_with_bad_bytes
+    stats.first_bad_line = list(report.first_bad) if report.first_bad else None
+    return datasets.Dataset.from_file(str(work / "text.arrow"))
+
+
+def _marked_features():
+    """Columns written by `encode_batch`: the ids and length, and the helper columns the rules mark rows with."""
+    import datasets
+
+    return datasets.Features({
+        "input_ids": datasets.List(datasets.Value("int32")), LENGTH_COLUMN: datasets.Value("int32"),
+        STATUS_COLUMN: datasets.Value("int8"), SPLIT_COLUMN: datasets.Value("bool"),
+        CHUNK_COLUMN: datasets.Value("int32")})
+
+
+def _encode_kwargs(plan):
+    return {"tokenizer": plan.tokenizer, "rules": plan.rules, "text_column": plan.source.text_column}
+
+
+def _tokenize_in_memory(text_ds, plan, work, stats):
+    stats.sequences_read = len(text_ds)
+    if stats.sequences_read == 0:
+        raise ValueError(f"The input is empty (no lines in {plan.source.name}). "
+                         "Give a corpus with one sequence per line.")
+    return text_ds.map(encode_batch, batched=True, batch_size=plan.batch_size, num_proc=plan.num_proc,
+                       fn_kwargs=_encode_kwargs(plan), remove_columns=[plan.source.text_column],
+                       features=_marked_features(), cache_file_name=str(work / "encoded.arrow"),
+                       new_fingerprint=plan.fingerprint[:32] + "-encoded", desc="Tokenizing")
+
+
+def _tokenize_stream(text_ds, plan, work, stats):
+    """Encode a stream in this process into an Arrow dataset in `work`, counting the rows that flow through."""
+    import datasets
+
+    text_column = plan.source.text_column
+    counter = {"n": 0}
+
+    def count_inputs(batch):  # the stream has no length: count what flows through
+        counter["n"] += len(batch[text_column])
+        return batch
+
+    features = _marked_features()
+    encoded_stream = text_ds.map(count_inputs, batched=True, batch_size=plan.batch_size).map(
+        encode_batch, batched=True, batch_size=plan.batch_size, fn_kwargs=_encode_kwargs(plan),
+        remove_columns=[text_column], features=features)
+    marked = datasets.Dataset.from_generator(_iterate, features=features, cache_dir=str(work / "stream"),
+                                             gen_kwargs={"iterable": encoded_stream},
+                                             fingerprint=plan.fingerprint[:32] + "-stream")
+    stats.sequences_read = counter["n"]
+    return marked
+
+
+def _tokenize(text_ds, plan, work, stats):
+    """Every sequence encoded, split and marked kept/dropped by the rules (see `sequence_rules`)."""
+    import datasets
+
+    if isinstance(text_ds, datasets.IterableDataset):
+        marked = _tokenize_stream(text_ds, plan, work, stats)
+    else:
+        marked = _tokenize_in_memory(text_ds, plan, work, stats)
+    if stats.sequences_read == 0:
+        raise ValueError(f"The input is empty (no rows in {plan.source.name}).")
+    return marked
+
+
+def _filter_by_rules(marked, rules, stats):
+    """The kept rows without the helper columns; what the rules did is counted into `stats`."""
+    keep = _stats_from_marked(marked, stats)
+    if stats.kept == 0:
+        raise ValueError(f"No sequence survived the rules ({stats.sequences_read} read, {stats.dropped_short} "
+                         f"shorter than {rules.min_length} tokens, {stats.dropped_unk} with >= "
+                         f"{rules.max_unk_share:.0%} unknown tokens). Check the input and tokenizer.")
+    kept = marked if len(keep) == len(marked) else marked.select(keep)
+    return kept.remove_columns(HELPER_COLUMNS)
+
+
+def _pack(kept, plan, work, stats):
+    """The kept sequences concatenated and cut into blocks of `plan.pack` tokens (causal-LM packing)."""
+    import datasets
+
+    pack = plan.pack
+    packed = kept.map(pack_batch, batched=True, batch_size=plan.batch_size, num_proc=plan.num_proc,
+                      fn_kwargs={"block_size": pack}, remove_columns=kept.column_names,
+                      features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
+                                                  LENGTH_COLUMN: datasets.Value("int32")}),
+                      cache_file_name=str(work / "packed.arrow"), new_fingerprint=plan.fingerprint[:32] + "-packed",
+                      desc=f"Packing into blocks of {pack}")
+    stats.packed_blocks = len(packed)
+    if len(packed) == 0:
+        raise ValueError(f"Packing left no block: the corpus holds {stats.tokens} tokens, fewer than one "
+                         f"block of {pack}. Lower --pack.")
+    return packed
+
+
+def _write_dataset(kept, final, plan, stats, start):
+    """Save `kept` to `final` with its metadata (fingerprint, input, options, statistics, file checksums)."""
+    # One writer: saving is I/O-bound, and datasets' workers are spawned (seconds of imports each).
+    kept.save_to_disk(str(final))
+    stats.seconds = time.perf_counter() - start
+    rules = plan.rules
+    metadata = {
+        "format_version": FORMAT_VERSION, "fingerprint": plan.fingerprint, "fingerprint_parts": plan.parts,
+        "created_unix": time.time(), "tokenizer": cache.tokenizer_identity(plan.tokenizer),
+        "input": plan.source.identity, "options": plan.options, "stats": asdict(stats), "num_rows": len(kept),
+        "num_tokens": int(stats.tokens if plan.pack is None else len(kept) * plan.pack),
+        "special_token_ids": {"begin": rules.begin_id, "end": rules.end_id, "unk": rules.unk_id},
+        "length_column": LENGTH_COLUMN,
+        "files": cache.describe_files(final, sorted(p.name for p in final.iterdir() if p.is_file())),
+    }
+    cache.write_json_atomic(final / METADATA_FILE, metadata)
+    return metadata
+
+
+def _build_and_publish(output_dir, plan, stats, start, verbose):
+    """Build the output in a temporary sibling directory, move it into place, and return its metadata."""
+    build = cache.new_build_dir(output_dir)
+    try:
+        with cache.datasets_progress_bars(verbose):
+            work = build / "work"
+            work.mkdir()
+            text_ds = plan.source.hub_text
+            if text_ds is None:
+                text_ds = _read_files(plan.source.files, work, stats, verbose)
+            marked = _tokenize(text_ds, plan, work, stats)
+            kept = _filter_by_rules(marked, plan.rules, stats)
+            if plan.pack is not None:
+                kept = _pack(kept, plan, work, stats)
+            final = build / "dataset"
+            metadata = _write_dataset(kept, final, plan, stats, start)
+            del text_ds, marked, kept  # release memory maps on work files before deleting them
+            cache.publish_dir(final, output_dir)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return metadata
+
+
+def _built_result(output_dir, stats, metadata, verbose):
+    import datasets
+
+    dataset = datasets.load_from_disk(str(output_dir))
+    if verbose:
+        print(format_summary(stats, False, output_dir))
+    return BinarizeResult(dataset, output_dir, False, stats, metadata)
+
+
 def binarize(output_dir, tokenizer, *, file_path=None, dataset_name=None, dataset_config=None, split="train",
              text_column="text", streaming=False, max_length=None, min_length=12, max_unk_share=0.5, pack=None,
              num_proc=None, batch_size=1000, overwrite=False, verify_checksums="changed", verbose=True):
@@ -186,137 +421,21 @@ def binarize(output_dir, tokenizer, *, file_path=None, dataset_name=None, datase
     hashes only files whose size or modification time changed since they were written, True every file.
     Returns a BinarizeResult; `cache_hit` tells whether an existing output was reused.
     """
-    import datasets
+    import datasets  # noqa: F401  imported before the clock starts: `stats.seconds` leaves out its import time
 
     start = time.perf_counter()
-    if (file_path is None) == (dataset_name is None):
-        raise ValueError("Pass exactly one input: file_path (--file_path) or dataset_name (--dataset_name).")
-    if pack is not None and pack < 2:
-        raise ValueError(f"pack (block size) must be at least 2, got {pack}.")
-    if num_proc is not None and num_proc < 1:
-        raise ValueError(f"num_proc must be >= 1, got {num_proc}.")
+    _check_arguments(file_path, dataset_name, pack, num_proc)
     output_dir = Path(output_dir)
     tokenizer = load_tokenizer(tokenizer)
-    begin, end, unk = wrapping_token_ids(tokenizer)
-    rules = SequenceRules(begin_id=begin, end_id=end, max_length=resolve_max_length(tokenizer, max_length),
-                          min_length=min_length, unk_id=unk, max_unk_share=max_unk_share)
-
+    rules = _sequence_rules(tokenizer, max_length, min_length, max_unk_share)
+    source = _resolve_input(file_path, dataset_name, dataset_config, split, text_column, streaming, num_proc)
+    plan = _plan(tokenizer, rules, source, pack, batch_size, num_proc)
+    cached = _reusable_output(output_dir, plan, verify_checksums, overwrite)
+    if cached is not None:
+        return _cache_hit_result(output_dir, *cached, start, verbose)
     stats = BinarizeStats()
-    if file_path is not None:
-        files = list_text_files(file_path)
-        input_identity = {"files": file_identity(files)}
-        text_ds = None
-    else:
-        if streaming and num_proc not in (None, 1):
-            logger.warning("num_proc is ignored with streaming=True (a stream is tokenized in one process).")
-        text_ds = load_hub_text(dataset_name, dataset_config, split, text_column, streaming)
-        input_identity = hub_identity(text_ds, dataset_name, dataset_config, split, text_column, streaming)
-    options = {"rules": rules.as_dict(), "pack": pack}
-    if pack is not None:  # packing drops a tail per map batch, so batching shapes the output
-        options.update(batch_size=batch_size, num_proc=num_proc)
-    parts = {"tokenizer": cache.stable_hash(cache.tokenizer_identity(tokenizer)),
-             "input": cache.stable_hash(input_identity), "options": cache.stable_hash(options)}
-    fingerprint = cache.stable_hash({"format_version": FORMAT_VERSION, **parts})
-
-    state, detail = _inspect_output(output_dir, fingerprint, parts, verify_checksums)
-    if state == "hit":
-        ds, meta = detail
-        stats = BinarizeStats(**meta["stats"])
-        result = BinarizeResult(ds, output_dir, True, stats, meta)
-        if verbose:
-            print(format_summary(stats, True, output_dir) + f"\n  (cache checked in {time.perf_counter() - start:.1f}s)")
-        return result
-    if state in ("mismatch", "foreign") and not overwrite:
-        raise ValueError(f"{detail}. Pass overwrite=True (--overwrite) to replace it, or choose another output "
-                         "directory (--dump_file).")
-    if state == "corrupt":
-        logger.warning("Cached output %s is damaged (%s); rebuilding it.", output_dir, "; ".join(detail))
-
-    build = cache.new_build_dir(output_dir)
-    try:
-        with cache.datasets_progress_bars(verbose):
-            work = build / "work"
-            work.mkdir()
-            if text_ds is None:
-                text_column = "text"
-                from tqdm.auto import tqdm
-
-                with tqdm(desc="Reading text", unit=" lines", disable=not verbose) as bar:
-                    report = write_text_arrow(files, work / "text.arrow", progress=bar)
-                stats.lines_with_bad_bytes = report.lines_with_bad_bytes
-                stats.first_bad_line = list(report.first_bad) if report.first_bad else None
-                text_ds = datasets.Dataset.from_file(str(work / "text.arrow"))
-            features = datasets.Features({
-                "input_ids": datasets.List(datasets.Value("int32")), LENGTH_COLUMN: datasets.Value("int32"),
-                STATUS_COLUMN: datasets.Value("int8"), SPLIT_COLUMN: datasets.Value("bool"),
-                CHUNK_COLUMN: datasets.Value("int32")})
-            fn_kwargs = {"tokenizer": tokenizer, "rules": rules, "text_column": text_column}
-            if isinstance(text_ds, datasets.IterableDataset):
-                counter = {"n": 0}
-
-                def count_inputs(batch):  # the stream has no length: count what flows through
-                    counter["n"] += len(batch[text_column])
-                    return batch
-
-                encoded_stream = text_ds.map(count_inputs, batched=True, batch_size=batch_size).map(
-                    encode_batch, batched=True, batch_size=batch_size, fn_kwargs=fn_kwargs,
-                    remove_columns=[text_column], features=features)
-                marked = datasets.Dataset.from_generator(_iterate, features=features, cache_dir=str(work / "stream"),
-                                                         gen_kwargs={"iterable": encoded_stream},
-                                                         fingerprint=fingerprint[:32] + "-stream")
-                stats.sequences_read = counter["n"]
-            else:
-                stats.sequences_read = len(text_ds)
-                if stats.sequences_read == 0:
-                    raise ValueError(f"The input is empty (no lines in {file_path or dataset_name}). "
-                                     "Give a corpus with one sequence per line.")
-                marked = text_ds.map(encode_batch, batched=True, batch_size=batch_size, num_proc=num_proc,
-                                     fn_kwargs=fn_kwargs, remove_columns=[text_column], features=features,
-                                     cache_file_name=str(work / "encoded.arrow"),
-                                     new_fingerprint=fingerprint[:32] + "-encoded", desc="Tokenizing")
-            if stats.sequences_read == 0:
-                raise ValueError(f"The input is empty (no rows in {dataset_name}).")
-            keep = _stats_from_marked(marked, stats)
-            if stats.kept == 0:
-                raise ValueError(f"No sequence survived the rules ({stats.sequences_read} read, {stats.dropped_short} "
-                                 f"shorter than {rules.min_length} tokens, {stats.dropped_unk} with >= "
-                                 f"{rules.max_unk_share:.0%} unknown tokens). Check the input and tokenizer.")
-            kept = marked if len(keep) == len(marked) else marked.select(keep)
-            kept = kept.remove_columns(HELPER_COLUMNS)
-            if pack is not None:
-                kept = kept.map(pack_batch, batched=True, batch_size=batch_size, num_proc=num_proc,
-                                fn_kwargs={"block_size": pack}, remove_columns=kept.column_names,
-                                features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
-                                                            LENGTH_COLUMN: datasets.Value("int32")}),
-                                cache_file_name=str(work / "packed.arrow"), new_fingerprint=fingerprint[:32] + "-packed",
-                                desc=f"Packing into blocks of {pack}")
-                stats.packed_blocks = len(kept)
-                if len(kept) == 0:
-                    raise ValueError(f"Packing left no block: the corpus holds {stats.tokens} tokens, fewer than one "
-                                     f"block of {pack}. Lower --pack.")
-            final = build / "dataset"
-            # One writer: saving is I/O-bound, and datasets' workers are spawned (seconds of imports each).
-            kept.save_to_disk(str(final))
-            stats.seconds = time.perf_counter() - start
-            metadata = {
-                "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "fingerprint_parts": parts,
-                "created_unix": time.time(), "tokenizer": cache.tokenizer_identity(tokenizer),
-                "input": input_identity, "options": options, "stats": asdict(stats), "num_rows": len(kept),
-                "num_tokens": int(stats.tokens if pack is None else len(kept) * pack),
-                "special_token_ids": {"begin": begin, "end": end, "unk": unk},
-                "length_column": LENGTH_COLUMN,
-                "files": cache.describe_files(final, sorted(p.name for p in final.iterdir() if p.is_file())),
-            }
-            cache.write_json_atomic(final / METADATA_FILE, metadata)
-            del text_ds, marked, kept  # release memory maps on work files before deleting them
-            cache.publish_dir(final, output_dir)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-
-    ds = datasets.load_from_disk(str(output_dir))
-    if verbose:
-        print(format_summary(stats, False, output_dir))
-    return BinarizeResult(ds, output_dir, False, stats, metadata)
+    metadata = _build_and_publish(output_dir, plan, stats, start, verbose)
+    return _built_result(output_dir, stats, metadata, verbose)
 
 
 def load_binarized(output_dir, verify_checksums="changed"):

@@ -1,7 +1,8 @@
-"""Batch collators for distillation: DistilBERT/XLM-style masked LM and causal LM.
+"""Batch collators for distillation: DistilBERT/XLM-style masked LM, causal LM, and plain padding.
 
-Both take features with unpadded `input_ids` (lists or tensors; an optional `attention_mask`; other keys
-such as the `length` column are ignored) and return padded `input_ids`, `attention_mask` and `labels`.
+All take features with unpadded `input_ids` (lists or tensors; an optional `attention_mask`; other keys
+such as the `length` column are ignored) and return padded `input_ids`, `attention_mask` and (the LM ones)
+`labels`.
 """
 
 import hashlib
@@ -62,7 +63,8 @@ class MaskedLMCollator:
     from a generator seeded by (seed, epoch, the batch's token ids): the masks then depend only on the batch and
     the epoch, not on how many batches were drawn before, so a run resumed from a checkpoint masks exactly as an
     uninterrupted one (Trainer skips, without collating, the batches it already trained on). A batch built again in
-    a later epoch is masked afresh; `DistillationTrainer` calls `set_epoch` at each epoch.
+    a later epoch is masked afresh; `DistillationTrainer` calls `set_epoch` at each epoch (and refuses persistent
+    DataLoader workers, which would keep epoch 0's copy of the collator).
     """
 
     def __init__(self, tokenizer, token_counts=None, mlm_mask_prop=0.15, word_mask=0.8, word_keep=0.1, word_rand=0.1,
@@ -112,6 +114,11 @@ class MaskedLMCollator:
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
+
+    @property
+    def uses_epoch(self):
+        """Whether the masks depend on `set_epoch` (seeded masking); DataLoader workers must then see it."""
+        return self.seed is not None
 
     def _batch_generator(self, input_ids):
         if self.seed is None:
@@ -168,3 +175,16 @@ class CausalLMCollator:
         if "prompt_length" in features[0]:  # prompts of on-policy distillation (distil_trainer.on_policy)
             batch["prompt_length"] = torch.tensor([int(f["prompt_length"]) for f in features], dtype=torch.long)
         return batch
+
+
+class PaddingCollator:
+    """Pads `input_ids` and `attention_mask` and adds nothing: whole, unmasked sentences, as the sentence-embedding
+    terms (alpha_embed) read them. Padding is marked by the attention mask."""
+
+    def __init__(self, tokenizer, pad_to_multiple_of=None):
+        self.pad_id = _pad_value(tokenizer)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features):
+        input_ids, attention_mask = pad_batch(features, self.pad_id, self.pad_to_multiple_of)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}

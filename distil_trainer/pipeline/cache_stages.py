@@ -17,7 +17,9 @@ def training_epochs(args, n_rows, world_size):
         return max(1, math.ceil(args.num_train_epochs))
     batch = args.per_device_train_batch_size
     batches = n_rows // batch if args.dataloader_drop_last else math.ceil(n_rows / batch)
-    per_rank = math.ceil(batches / world_size)  # accelerate shards whole batches over the ranks
+    # accelerate shards whole batches over the ranks (BatchSamplerShard, even_batches): the last, incomplete round
+    # of batches is dropped with drop_last, else completed
+    per_rank = batches // world_size if args.dataloader_drop_last else math.ceil(batches / world_size)
     updates_per_epoch = max(math.ceil(per_rank / args.gradient_accumulation_steps), 1)
     return math.ceil(args.max_steps / updates_per_epoch)
 
@@ -112,7 +114,8 @@ class CacheTeacher(Stage):
             try:
                 cache = build_teacher_cache(ctx.teacher, ctx.train_dataset, path, ctx.tokenizer,
                                             mlm_collator=_mlm_collator(ctx), device=ctx.training_args.device,
-                                            verbose=ctx.is_main, **settings)
+                                            verbose=ctx.is_main, temperature=ctx.training_args.temperature,
+                                            **settings)
             except TeacherCacheMismatch as err:
                 raise ConfigError(f"teacher_cache: {err} In a recipe: give each teacher, data and cache settings its "
                                   "own --teacher_cache folder, or delete this one.") from None

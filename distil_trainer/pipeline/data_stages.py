@@ -97,6 +97,11 @@ class TokenCounts(Stage):
         return ctx.data_dir.name  # counted from the binarized corpus, saved beside it
 
     def skip(self, ctx):
+        from .objective import EMBEDDING, objective
+
+        if objective(ctx) == EMBEDDING:
+            ctx.counts = None
+            return "skipped (not needed: the embedding objective reads whole, unmasked sentences)"
         if ctx.masked_lm and ctx.data_args.mlm_smoothing > 0:
             return None
         ctx.counts = None
@@ -111,10 +116,13 @@ class TokenCounts(Stage):
                 f"({'cache reused' if counted.cache_hit else 'counted'}) in {counted.path}")
 
     def after(self, ctx):
-        from ..data.collators import CausalLMCollator, MaskedLMCollator
+        from ..data.collators import CausalLMCollator, MaskedLMCollator, PaddingCollator
+        from .objective import EMBEDDING, objective
 
         d = ctx.data_args
-        if ctx.masked_lm:
+        if objective(ctx) == EMBEDDING:
+            ctx.collator = PaddingCollator(ctx.tokenizer)
+        elif ctx.masked_lm:
             ctx.collator = MaskedLMCollator(ctx.tokenizer, token_counts=ctx.counts, mlm_mask_prop=d.mlm_mask_prop,
                                             word_mask=d.word_mask, word_keep=d.word_keep, word_rand=d.word_rand,
                                             mlm_smoothing=d.mlm_smoothing, seed=ctx.training_args.seed)

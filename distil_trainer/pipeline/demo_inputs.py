@@ -8,6 +8,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 from ..atomic import write_text_atomic
@@ -40,16 +41,31 @@ def demo_corpus(path, max_articles=None):
     return path
 
 
-def demo_corpus_split(directory, heldout_lines):
+# A sentence ends at . ! or ? followed by white space and a capital letter, digit or quote (abbreviations such as
+# "U.S. Army" are split too: a demo's corpus, not a linguistic tool).
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+
+
+def split_sentences(text, min_words=4):
+    """The sentences of `text` with at least `min_words` words."""
+    return [s for s in _SENTENCE_END.split(text) if len(s.split()) >= min_words]
+
+
+def demo_corpus_split(directory, heldout_lines, sentences=False):
     """(train_path, heldout_path): the lead sections without their last `heldout_lines`, and those last lines, which
-    the demo never trains on (its fidelity scores are measured there). Written once."""
+    the demo never trains on (its fidelity scores are measured there); with `sentences`, each file holds the
+    sentences of its lead sections, one per line. Written once."""
     directory = Path(directory)
-    train = directory / f"demo_corpus_train_{heldout_lines}.txt"  # the split is in the names: a new one is new files
-    heldout = directory / f"demo_corpus_heldout_{heldout_lines}.txt"
+    kind = "sentences_" if sentences else ""  # the split is in the names: a new one is new files
+    train = directory / f"demo_corpus_train_{kind}{heldout_lines}.txt"
+    heldout = directory / f"demo_corpus_heldout_{kind}{heldout_lines}.txt"
     if not (train.exists() and heldout.exists()):
         lines = _lead_sections()
         if not 0 < heldout_lines < len(lines):
             raise ValueError(f"heldout_lines must be in [1, {len(lines) - 1}], got {heldout_lines}.")
-        write_text_atomic(heldout, "\n".join(lines[-heldout_lines:]) + "\n")
-        write_text_atomic(train, "\n".join(lines[:-heldout_lines]) + "\n")
+        held, kept = lines[-heldout_lines:], lines[:-heldout_lines]
+        if sentences:
+            held, kept = ([s for line in part for s in split_sentences(line)] for part in (held, kept))
+        write_text_atomic(heldout, "\n".join(held) + "\n")
+        write_text_atomic(train, "\n".join(kept) + "\n")
     return train, heldout

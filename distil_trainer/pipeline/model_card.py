@@ -38,6 +38,9 @@ class StudentCardInfo:
     architecture: str | None = None  # student's `config.model_type`, e.g. "distilbert"
     # Student layer i was initialised from teacher layer layer_map[i]; a dict {student: teacher} is accepted too.
     layer_map: Sequence[int] | Mapping[int, int] | None = None
+    # How the student was chosen by measurement (the `layer_choice` / `width` entries of its config's
+    # `distillation` record): every teacher layer's score and why it was kept, the widths before and after.
+    student_choice: Mapping | None = None
     loss_weights: Mapping[str, float] = field(default_factory=dict)  # {"alpha_ce": 5.0, "alpha_mlm": 2.0, ...}
     temperature: float | None = None
     datasets: Sequence[str] = ()  # training data (Hub dataset ids or descriptions)
@@ -45,6 +48,9 @@ class StudentCardInfo:
     tokens_seen: int | None = None
     speed_ratio: float | None = None  # measured teacher time / student time (>1 means the student is faster)
     speed_measurement: str | None = None  # how the speed ratio was measured, e.g. "batch 32 x 128 tokens, A100"
+    # CPU latency of teacher and student in PyTorch and ONNX Runtime fp32 / int8, measured side by side
+    # (export.measure_latencies_side_by_side's result; the recipes' --onnx_latency).
+    latency: Mapping | None = None
     eval_results: Sequence[EvalResult] = ()
     language: str | list[str] | None = None
     license: str | None = None
@@ -53,6 +59,9 @@ class StudentCardInfo:
     # Quality of teacher / student before distillation / student (pipeline.student_scores; keys "models",
     # "stsb_source", "stsb_unavailable", "stsb_pairs", "heldout_sequences", "result_line").
     scores: Mapping | None = None
+    # Set when the student is also a sentence-transformers model (saved with modules.json): how it pools, and the
+    # objective it was distilled with, e.g. "mean pooling, L2-normalised (read from ...)".
+    sentence_embedding: str | None = None
 
     @property
     def parameter_ratio(self) -> float:
@@ -100,6 +109,7 @@ def _card_data(info: StudentCardInfo) -> ModelCardData:
         "temperature": info.temperature,
         "loss_weights": {k: float(v) for k, v in info.loss_weights.items()} or None,
         "layer_map": _normalised_layer_map(info.layer_map),
+        "student_choice": _choice_metadata(info.student_choice),
         "train_steps": info.train_steps,
         "tokens_seen": info.tokens_seen,
         "student_parameters": int(info.student_parameters),
@@ -107,7 +117,9 @@ def _card_data(info: StudentCardInfo) -> ModelCardData:
         "parameter_ratio": round(info.parameter_ratio, 6),
         "speed_ratio": info.speed_ratio,
         "speed_measurement": info.speed_measurement,
+        "latency": info.latency,
         "scores": _scores_metadata(info.scores),
+        "sentence_embedding": info.sentence_embedding,
     }
     is_hub_id = bool(_HUB_ID_PATTERN.match(info.teacher_name)) and not os.path.exists(info.teacher_name)
     return ModelCardData(
@@ -117,9 +129,10 @@ def _card_data(info: StudentCardInfo) -> ModelCardData:
         eval_results=[*info.eval_results, *_stsb_eval_result(info.scores)] or None,
         language=info.language,
         license=info.license,
-        library_name="transformers",
-        pipeline_tag=info.pipeline_tag,
-        tags=["distillation", "distil_trainer", *info.tags],
+        library_name="sentence-transformers" if info.sentence_embedding else "transformers",
+        pipeline_tag=info.pipeline_tag or ("sentence-similarity" if info.sentence_embedding else None),
+        tags=["distillation", "distil_trainer", *(["sentence-transformers"] if info.sentence_embedding else []),
+              *info.tags],
         distillation={k: v for k, v in distillation.items() if v is not None},
     )
 
@@ -159,6 +172,52 @@ def _quality_section(scores) -> list[str]:
     return lines + ([""] + notes if notes else [])
 
 
+def _choice_metadata(choice) -> dict | None:
+    """The measured choice as card metadata: scores rounded, layer keys as plain ints."""
+    if not choice:
+        return None
+    out = {}
+    layers = choice.get("layer_choice")
+    if layers:
+        out["layer_choice"] = {
+            "strategy": layers["strategy"], "iterative": bool(layers.get("iterative")),
+            "keep_ends": bool(layers.get("keep_ends", True)), "calibration": layers.get("calibration"),
+            "kept": [int(i) for i in layers["kept"]], "scores": [round(float(x), 6) for x in layers["scores"]]}
+    if choice.get("width"):
+        width = choice["width"]
+        out["width"] = {"sizes": {k: [int(a), int(b)] for k, (a, b) in width["sizes"].items()},
+                        "method": width.get("method"), "calibration": width.get("calibration")}
+    return out
+
+
+def _choice_section(choice) -> list[str]:
+    """How the layers (and widths) were chosen: one row per teacher layer with its score, kept or not, and why."""
+    if not choice:
+        return []
+    from ..extraction.report import SCORE_NAMES
+
+    lines = []
+    layers = choice.get("layer_choice")
+    if layers:
+        score_name = SCORE_NAMES.get(layers["strategy"], layers["strategy"])
+        reasons = {int(k): v for k, v in layers.get("reasons", {}).items()}
+        kept = {int(i) for i in layers["kept"]}
+        lines += ["", "### How the layers were chosen", "",
+                  f"Measured on the teacher: strategy `{layers['strategy']}`"
+                  + (" (iterative: measured again after each removal)" if layers.get("iterative") else "")
+                  + f", on {layers.get('calibration')}; first and last layers "
+                  + ("always kept." if layers.get("keep_ends", True) else "droppable."), "",
+                  f"| Teacher layer | Score: {score_name} | Kept | Why |", "|---|---|---|---|"]
+        lines += [f"| {i} | {float(score):.4f} | {'yes' if i in kept else 'no'} | {reasons.get(i, '')} |"
+                  for i, score in enumerate(layers["scores"])]
+    width = choice.get("width")
+    if width:
+        lines += ["", "### Width", "", f"Pruned by {width.get('method')}, on {width.get('calibration')}.", "",
+                  "| Size | Teacher | Student |", "|---|---|---|"]
+        lines += [f"| {k} | {a} | {b} |" for k, (a, b) in width["sizes"].items()]
+    return lines
+
+
 def _fmt_int(n: int) -> str:
     return f"{n:,}"
 
@@ -182,6 +241,11 @@ def _body(info: StudentCardInfo) -> str:
     if info.speed_ratio is not None:
         lines += ["", f"Measured speed: the student runs **{info.speed_ratio:.2f}x** as fast as the teacher"
                       + (f" ({info.speed_measurement})." if info.speed_measurement else ".")]
+    if info.latency:
+        from .onnx_latency import latency_table
+
+        lines += ["", "CPU latency, PyTorch and ONNX Runtime (the student also ships as ONNX: `distil-trainer export`):",
+                  "", *latency_table(info.latency)]
 
     lines += ["", "## Distillation", "", "| Setting | Value |", "|---|---|"]
     lines.append(f"| Teacher | {info.teacher_name} |")
@@ -204,6 +268,7 @@ def _body(info: StudentCardInfo) -> str:
                   "| Student layer | Teacher layer |", "|---|---|"]
         lines += [f"| {s} | {t} |" for s, t in sorted(layer_map.items())]
 
+    lines += _choice_section(info.student_choice)
     lines += _quality_section(info.scores)
 
     if info.eval_results:
@@ -212,10 +277,24 @@ def _body(info: StudentCardInfo) -> str:
             lines.append(f"| {r.task_name or r.task_type} | {r.dataset_name} | {r.dataset_split or ''} "
                          f"| {r.metric_name or r.metric_type} | {r.metric_value} |")
 
-    lines += ["", "## Usage", "", "```python", "from transformers import AutoModel, AutoTokenizer", "",
+    lines += ["", "## Usage", ""] + _sentence_transformers_usage(info) + [
+              "```python", "from transformers import AutoModel, AutoTokenizer", "",
               f'tokenizer = AutoTokenizer.from_pretrained("{info.model_name}")',
               f'model = AutoModel.from_pretrained("{info.model_name}")', "```", ""]
     return "\n".join(lines)
+
+
+def _sentence_transformers_usage(info: StudentCardInfo) -> list[str]:
+    """For a student saved as a sentence-transformers model: how to embed sentences with it."""
+    if not info.sentence_embedding:
+        return []
+    return [f"A sentence-embedding model ({info.sentence_embedding}). With sentence-transformers "
+            "(`pip install sentence-transformers`), it embeds as the teacher does:", "",
+            "```python", "from sentence_transformers import SentenceTransformer", "",
+            f'model = SentenceTransformer("{info.model_name}")',
+            'embeddings = model.encode(["A man is playing a guitar.", "Someone plays an instrument."])',
+            "similarity = model.similarity(embeddings[0:1], embeddings[1:2])", "```", "",
+            "Or with transformers alone (the body's last hidden states, pooled as above):", ""]
 
 
 def build_model_card(info: StudentCardInfo) -> ModelCard:

@@ -27,7 +27,7 @@ class LoadTeacher(Stage):
 
         m = ctx.model_args
         ctx.teacher, ctx.missing = extraction.load_teacher(m.teacher_name, m.trust_remote_code,
-                                                           revision=m.teacher_revision)
+                                                           revision=m.teacher_revision, seed=ctx.training_args.seed)
         ctx.missing_head = _missing_head_keys(ctx.teacher, ctx.missing)
         return (f"{type(ctx.teacher).__name__}, {count_parameters(ctx.teacher):,} parameters"
                 + (f"; NO pretrained head ({len(ctx.missing_head)} head tensors missing)" if ctx.missing_head else ""))
@@ -45,7 +45,10 @@ class FitTeacherHead(Stage):
     outputs = ("teacher", "missing", "missing_head")
 
     def enabled(self, ctx):
-        return bool(ctx.model_args.fit_teacher_mlm_head_steps)
+        from .objective import EMBEDDING, objective
+
+        # The embedding objective reads no logits: no head to fit (the first call decides the objective).
+        return objective(ctx) != EMBEDDING and bool(ctx.model_args.fit_teacher_mlm_head_steps)
 
     def before(self, ctx):
         m, t = ctx.model_args, ctx.training_args
@@ -88,8 +91,8 @@ class ExtractStudent(Stage):
     """The student initialised from teacher layers (or, with student_init=random, their shape only)."""
 
     name = "extract student"
-    inputs = ("teacher", "missing", "tokenizer")
-    outputs = ("student", "layer_map")
+    inputs = ("teacher", "missing", "tokenizer", "train_dataset")
+    outputs = ("student", "layer_map", "student_choice")
     main_process_first = True
     whole_models = True
 
@@ -110,7 +113,10 @@ class ExtractStudent(Stage):
         m, init_dir = ctx.model_args, ctx.out / STUDENT_INIT_DIR
         student, report = extraction.extract_student(
             ctx.teacher, layers=_layers(m), strategy=m.layer_strategy, num_layers=m.student_num_layers,
-            student_type=m.student_type, teacher_missing_keys=ctx.missing, return_report=True)
+            student_type=m.student_type, teacher_missing_keys=ctx.missing, return_report=True,
+            calibration=_calibration(ctx), keep_ends=m.keep_ends, iterative=m.iterative,
+            hidden_size=m.student_hidden_size, num_attention_heads=m.student_num_attention_heads,
+            intermediate_size=m.student_intermediate_size, progress=not ctx.training_args.disable_tqdm)
         if m.student_init == RANDOM_INIT:
             student = _reinitialise(student, report, ctx.training_args.seed)
         if ctx.is_main:
@@ -131,6 +137,9 @@ class ExtractStudent(Stage):
         record = ctx.student.config.to_dict().get(extraction.CONFIG_KEY, {})
         # A re-initialised student took only its shape from the teacher layers: the card shows no layer map.
         ctx.layer_map = None if record.get("student_init") == RANDOM_INIT else record.get("teacher_layers")
+        ctx.student_choice = {k: record[k] for k in ("layer_choice", "width") if record.get(k)} or None
+        if record.get("layer_choice") and ctx.layer_map:
+            _match_intermediate_layers(ctx.training_args, ctx.layer_map)
 
 
 def check_reference_config(student, reference_path):
@@ -158,6 +167,31 @@ def load_like(teacher, directory):
 def _missing_head_keys(teacher, missing_keys):
     prefix = teacher.base_model_prefix + "."
     return [k for k in missing_keys if not k.startswith(prefix)]
+
+
+def _calibration(ctx):
+    """The calibration set for measured strategies and width pruning: calibration_file, else the training data."""
+    from .. import extraction
+
+    m = ctx.model_args
+    needed = m.layer_strategy in extraction.MEASURED_STRATEGIES or any(
+        v is not None for v in (m.student_hidden_size, m.student_num_attention_heads, m.student_intermediate_size))
+    if not needed:
+        return None
+    source = m.calibration_file or ctx.train_dataset
+    return extraction.load_calibration(source, ctx.tokenizer, m.calibration_tokens,
+                                       ctx.data_args.max_length or 256)
+
+
+def _match_intermediate_layers(training_args, teacher_layers):
+    """Hidden-state terms of a student whose layers were chosen by measurement: student layer m learns from the
+    output of the teacher layer it was copied from (0 = embeddings), unless the run gives its own map."""
+    terms = ("alpha_hidden", "alpha_attn")
+    if training_args.intermediate_layer_map or not any(getattr(training_args, t, 0) > 0 for t in terms):
+        return
+    training_args.intermediate_layer_map = ",".join(
+        ["0:0"] + [f"{s + 1}:{t + 1}" for s, t in enumerate(teacher_layers)])
+    logger.info("intermediate_layer_map set to the measured layer choice: %s", training_args.intermediate_layer_map)
 
 
 def _layers(model_args):

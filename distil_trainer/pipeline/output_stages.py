@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from .layout import SCORES_FILE, STUDENT_INIT_DIR, TRAINING_LOG
+from .objective import scoring_pooling
 from .recipe_args import ConfigError
 from .stage import Stage
 
@@ -65,7 +66,8 @@ class Score(Stage):
         files += [Path(f) for f in (r.stsb_file, r.heldout_file) if f]
         return stable_hash({"models": [ctx.model_args.teacher_name, ctx.model_args.teacher_revision],
                             "files": [_file_identity(f) for f in files], "stsb_hub": not r.stsb_file,
-                            "seed": ctx.training_args.seed, "max_length": ctx.data_args.max_length})[:16]
+                            "seed": ctx.training_args.seed, "max_length": ctx.data_args.max_length,
+                            "pooling": scoring_pooling(ctx).describe(), "collator": type(ctx.collator).__name__})[:16]
 
     def skip(self, ctx):
         path = ctx.out / SCORES_FILE
@@ -87,7 +89,7 @@ class Score(Stage):
                   "student": ctx.final_student.eval()}
         rows = read_heldout(r.heldout_file, ctx.tokenizer, max_length) if r.heldout_file else None
         ctx.scores = score_models(models, ctx.teacher, ctx.tokenizer, ctx.collator, stsb_file=r.stsb_file,
-                                  heldout_rows=rows, max_length=max_length)
+                                  heldout_rows=rows, max_length=max_length, pooling=scoring_pooling(ctx))
         path = ctx.out / SCORES_FILE
         write_text_atomic(path, json.dumps({"key": self.cache_key(ctx), "scores": ctx.scores}, indent=2))
         student = ctx.scores["models"]["student"]
@@ -105,7 +107,7 @@ def _file_identity(path):
 
 class ModelCard(Stage):
     name = "model card"
-    inputs = ("teacher", "train_dataset", "collator", "layer_map", "trainer", "scores")
+    inputs = ("teacher", "train_dataset", "collator", "layer_map", "trainer", "scores", "latency")
     outputs = ("final_student", "teacher", "log_history", "speed", "card_info")
     main_process_only = True
 
@@ -144,7 +146,8 @@ class Report(Stage):
 
         head = fit_summary(ctx.result["teacher_head"]) if ctx.result.get("teacher_head") else None
         path = write_report(ctx.out, ctx.card_info.teacher_name, ctx.teacher, ctx.final_student, ctx.log_history,
-                            ctx.speed, ctx.training_args, teacher_head=head, scores=ctx.card_info.scores)
+                            ctx.speed, ctx.training_args, teacher_head=head, scores=ctx.card_info.scores,
+                            latency=ctx.card_info.latency)
         ctx.result["report"] = str(path)
         return str(path)
 
@@ -192,7 +195,8 @@ def _card_info(ctx, teacher, student, layer_map, log_history, speed):
     last = next((r for r in reversed(log_history) if "num_input_tokens_seen" in r), {})
     steps = max((r.get("step", 0) for r in log_history), default=None)
     weights = {n: getattr(training_args, n) for n in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse",
-                                                      "alpha_cos", "alpha_task") if getattr(training_args, n) > 0}
+                                                      "alpha_cos", "alpha_task", "alpha_embed", "alpha_embed_relation")
+               if getattr(training_args, n) > 0}
     data = data_args.dataset_name or (Path(data_args.file_path).name if data_args.file_path else "")
     return StudentCardInfo(
         model_name=recipe_args.card_model_name or training_args.hub_model_id or Path(
@@ -201,6 +205,17 @@ def _card_info(ctx, teacher, student, layer_map, log_history, speed):
         teacher_revision=model_args.teacher_revision,
         student_parameters=count_parameters(student), teacher_parameters=count_parameters(teacher),
         architecture=student.config.model_type, layer_map=layer_map, loss_weights=weights,
+        student_choice=getattr(ctx, "student_choice", None),
         temperature=training_args.temperature, datasets=[data] if data else [], train_steps=steps or None,
         tokens_seen=last.get("num_input_tokens_seen") or None, speed_ratio=speed["ratio"],
-        speed_measurement=speed["how"], tags=["distillation", "distil_trainer"])
+        speed_measurement=speed["how"], latency=ctx.latency, tags=["distillation", "distil_trainer"],
+        sentence_embedding=_sentence_embedding_note(ctx))
+
+
+def _sentence_embedding_note(ctx):
+    """For the card: how a student saved as a sentence-transformers model pools (None for other students)."""
+    from .objective import EMBEDDING, objective, scoring_pooling
+
+    if objective(ctx) != EMBEDDING or not (ctx.final_dir / "modules.json").exists():
+        return None
+    return f"{scoring_pooling(ctx).describe()}; distilled on the teacher's sentence embeddings"

@@ -22,8 +22,25 @@ class ModelArguments:
     student_type: str = field(default="same", metadata={"help": "'same' (teacher's architecture, fewer layers) or "
                                                                 "'distilbert' (BERT teacher -> DistilBERT)."})
     student_layers: str | None = field(default=None, metadata={"help": "Teacher layers to copy, e.g. '0,2,4,7,9,11'."})
-    layer_strategy: str | None = field(default=None, metadata={"help": "every_other, uniform, first or last."})
+    layer_strategy: str | None = field(default=None, metadata={
+        "help": "every_other, uniform, first or last; or measured on calibration text: block_influence (drop the "
+                "layers whose output is closest to their input) or angular (drop the contiguous run of layers whose "
+                "input and output are closest)."})
     student_num_layers: int | None = field(default=None, metadata={"help": "k for the layer strategy."})
+    calibration_file: str | None = field(default=None, metadata={
+        "help": "Text the measured strategies and width pruning run the teacher on (plain text, one sequence per "
+                "line, or a distil-trainer binarize folder); default: the run's training data."})
+    calibration_tokens: int = field(default=4096, metadata={"help": "Calibration tokens (from the start)."})
+    keep_ends: bool | None = field(default=None, metadata={
+        "help": "Measured strategies: keep the teacher's first and last layers (default true)."})
+    iterative: bool = field(default=False, metadata={
+        "help": "block_influence: drop one layer at a time, measuring the remaining layers again."})
+    student_hidden_size: int | None = field(default=None, metadata={
+        "help": "Width pruning: hidden channels kept (activation importance at the norm layers, Minitron)."})
+    student_num_attention_heads: int | None = field(default=None, metadata={
+        "help": "Width pruning: attention heads kept per layer (whole key-value groups under GQA)."})
+    student_intermediate_size: int | None = field(default=None, metadata={
+        "help": "Width pruning: MLP neurons kept per layer."})
     student_reference_config: str | None = field(
         default=None, metadata={"help": "JSON of the original Distil* student config; the extracted student must "
                                         "match its sizes (checked before training)."})
@@ -33,6 +50,12 @@ class ModelArguments:
                                                     "random-initialisation ablation).",
                                             "choices": ["teacher_layers", "random"]})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Defaults to the teacher's tokenizer."})
+    distillation_objective: str = field(
+        default="auto", metadata={"help": "'embedding' (the teacher's sentence embeddings, alpha_embed; no MLM head "
+                                          "fitted), 'logits' (the triple loss of the configuration) or 'auto': "
+                                          "embedding for a sentence-embedding teacher (a sentence-transformers folder, "
+                                          "or a checkpoint without an LM head), logits otherwise.",
+                                  "choices": ["auto", "embedding", "logits"]})
     fit_teacher_mlm_head_steps: int = field(
         default=0, metadata={"help": "For a teacher without an MLM head: fit the head on the corpus, body frozen, for "
                                      "at most this many updates (early stopping; cached) before distilling. 0 = off."})
@@ -71,6 +94,10 @@ class RecipeArguments:
     config: str | None = field(default=None, metadata={"help": "YAML file with the recipe's settings."})
     report: bool = field(default=False, metadata={"help": "Write report.md with a loss curve, parameter counts and "
                                                           "measured CPU inference speed."})
+    onnx_latency: bool = field(default=False, metadata={
+        "help": "Export teacher and student to ONNX (fp32 and int8, under output_dir/onnx) and measure their CPU "
+                "latency in PyTorch and ONNX Runtime side by side, for report.md and the card (needs the export "
+                "extra)."})
     card_model_name: str | None = field(default=None, metadata={"help": "Student name shown in the model card "
                                                                         "(default: hub_model_id or output_dir)."})
     teacher_card_name: str | None = field(default=None, metadata={"help": "Teacher name shown in the model card "
@@ -222,9 +249,21 @@ def parse_recipe_args(argv=None, default_config=None):
     if sum(c is not None for c in corpora) != 1:
         raise ConfigError("set exactly one of file_path (a text file or folder), dataset_name (a Hub dataset) and "
                           "binarized_data (a folder made by distil-trainer binarize).")
+    if recipe_args.onnx_latency:
+        _require_export_packages()
     recipe_args.config = config
     ref = model_args.student_reference_config
     if config and ref and not os.path.isabs(ref) and not os.path.exists(ref):
         # Paths written in a YAML are relative to that YAML file.
         model_args.student_reference_config = os.path.join(os.path.dirname(os.path.abspath(config)), ref)
     return model_args, data_args, training_args, recipe_args
+
+
+def _require_export_packages():
+    """--onnx_latency needs the export packages: refused now, not after training."""
+    from ..export.runtime import require_export_packages
+
+    try:
+        require_export_packages("dynamo")
+    except ImportError as error:
+        raise ConfigError(f"--onnx_latency: {error} Or drop --onnx_latency.") from None

@@ -81,17 +81,18 @@ def plot_loss_curves(log_history, path):
 
 
 def write_report(output_dir, teacher_name, teacher, student, log_history, speed, training_args, teacher_head=None,
-                 scores=None):
+                 scores=None, latency=None):
     """report.md (and loss_curve.png) in `output_dir`: the one-line result and the scores (when scored), the fitted
-    teacher head's figures, loss weights, parameter counts, measured speed, first and last logged losses; returns
-    its path."""
+    teacher head's figures, loss weights, parameter counts, measured speed (and the ONNX latencies when measured),
+    first and last logged losses; returns its path."""
     output_dir = Path(output_dir)
     png = plot_loss_curves(log_history, output_dir / "loss_curve.png")
     t_params, s_params = count_parameters(teacher), count_parameters(student)
     rows = [r for r in log_history if "loss" in r]
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     weights = ", ".join(f"{n}={getattr(training_args, n)}" for n in
-                        ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos") if getattr(training_args, n))
+                        ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos", "alpha_embed",
+                         "alpha_embed_relation") if getattr(training_args, n))
     lines = [
         f"# Distillation report: {output_dir.name}",
         "",
@@ -112,6 +113,10 @@ def write_report(output_dir, teacher_name, teacher, student, log_history, speed,
         f"| {speed['student_seconds'] / speed['teacher_seconds']:.1%} ({speed['ratio']:.2f}x faster) |",
         "",
     ]
+    if latency:
+        from .onnx_latency import latency_table
+
+        lines += ["### CPU latency in PyTorch and ONNX Runtime", "", *latency_table(latency), ""]
     if rows:
         terms = sorted(k for k in last if k.startswith("loss_") or k == "teacher_agreement")
         lines += ["## Training", "", "| logged | step | loss | " + " | ".join(terms) + " |",

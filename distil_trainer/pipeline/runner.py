@@ -15,6 +15,7 @@ from .data_stages import Binarize, TokenCounts, load_tokenizer
 from .layout import STUDENT_DIR
 from .model_stages import ExtractStudent, FitTeacherHead, LoadTeacher
 from .node_order import each_node_first
+from .onnx_latency import OnnxLatency
 from .output_stages import ModelCard, PushToHub, Report, Score
 from .recipe_args import ConfigError
 from .stage import RunContext
@@ -24,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 # In the order they run; each reads only what the runner or an earlier stage set.
 STAGES = (Binarize(), LoadTeacher(), TokenCounts(), FitTeacherHead(), ExtractStudent(), CacheTeacher(), Distil(),
-          SaveStudent(), Score(), ModelCard(), Report(), PushToHub())
+          SaveStudent(), Score(), OnnxLatency(), ModelCard(), Report(),
+          PushToHub())
 
 
 class _Headers:
@@ -138,8 +140,6 @@ def main(default_config=None, argv=None):
         print(f"error: {err}", file=sys.stderr)
         sys.exit(3)
     finally:
-        import torch.distributed as dist
+        from ..process_group import end_process_group
 
-        # A clean teardown: without it gloo ranks sometimes abort at interpreter exit.
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group()  # the group's threads joined now: a gloo rank can abort if they outlive Python

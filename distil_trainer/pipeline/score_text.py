@@ -8,8 +8,8 @@ ROLE_NAMES = {"teacher": "teacher", "student_init": "student before distillation
 
 
 def result_line(scores, speed_ratio, parameter_ratio):
-    """"keeps X% of the teacher's score at Y x speed": STS-B Spearman when there is one, else the held-out
-    sentence-embedding cosine to the teacher."""
+    """"keeps X% of the teacher's score at Y x speed; distillation added +Z points over the extracted student":
+    STS-B Spearman when there is one, else the held-out sentence-embedding cosine to the teacher."""
     m = scores["models"]
     student, init = m.get("student", {}), m.get("student_init", {})
     tail = f"at {speed_ratio:.2f}x speed with {parameter_ratio:.0%} of its parameters"
@@ -18,7 +18,7 @@ def result_line(scores, speed_ratio, parameter_ratio):
         line = (f"Result: the student keeps {student['stsb_spearman'] / teacher:.1%} of the teacher's STS-B score "
                 f"(Spearman {100 * student['stsb_spearman']:.1f} vs {100 * teacher:.1f}) {tail}")
         if "stsb_spearman" in init:
-            line += f"; before distillation it kept {init['stsb_spearman'] / teacher:.1%}"
+            line += "; " + distillation_gain(student["stsb_spearman"], init["stsb_spearman"], teacher)
         return line + "."
     if "sentence_cosine" in student:
         line = (f"Result: STS-B unavailable; on held-out text the student's sentence embeddings keep "
@@ -27,6 +27,16 @@ def result_line(scores, speed_ratio, parameter_ratio):
             line += f"; before distillation {init['sentence_cosine']:.1%}"
         return line + "."
     return f"Result: no quality score (STS-B unavailable and no held-out text); the student runs {tail}."
+
+
+def distillation_gain(student, extracted, teacher):
+    """What distillation added over the student as extracted, in Spearman points (x100), and the share of the
+    extracted student's gap to the teacher it closed."""
+    line = (f"distillation added {100 * (student - extracted):+.1f} points over the extracted student "
+            f"({100 * extracted:.1f})")
+    if teacher > extracted:
+        line += f", closing {(student - extracted) / (teacher - extracted):.0%} of its gap to the teacher"
+    return line
 
 
 def scores_table(scores):
@@ -59,11 +69,13 @@ def scores_notes(scores):
     notes = []
     if scores.get("stsb_source"):
         notes.append(f"STS-B: {scores['stsb_pairs']} dev pairs from {scores['stsb_source']}, Spearman correlation "
-                     "of the gold scores with the cosine of mean-pooled last hidden states.")
+                     "of the gold scores with the cosine of the sentence embeddings "
+                     f"({scores.get('pooling', 'mean pooling')} of the last hidden states).")
     elif scores.get("stsb_unavailable"):
         notes.append(scores["stsb_unavailable"])
     if scores.get("heldout_sequences"):
+        mlm = any("mlm_loss" in s for s in scores["models"].values())
         notes.append(f"Held-out text: {scores['heldout_sequences']} sequences the run did not train on; cosines of "
-                     "the unmasked text's token and mean-pooled embeddings to the teacher's; MLM figures at the "
-                     "positions the run's masking picks there (fixed seed).")
+                     "the unmasked text's token and sentence embeddings to the teacher's"
+                     + ("; MLM figures at the positions the run's masking picks there (fixed seed)." if mlm else "."))
     return notes

@@ -2,11 +2,12 @@
 before distillation:
 
 - embedding quality: STS-B dev Spearman correlation between the gold similarity scores and the cosine of the two
-  sentences' mean-pooled (attention-mask weighted) last hidden states -- the standard score of sentence-embedding
-  models such as all-MiniLM-L6-v2;
+  sentences' embeddings, pooled from the last hidden states the teacher's way (`pooling`: its sentence-transformers
+  folder's pooling, mean pooling by default) -- the standard score of sentence-embedding models such as
+  all-MiniLM-L6-v2;
 - fidelity on held-out text (lines of the corpus the run did not train on): mean cosine of the token and the
-  sentence embeddings to the teacher's; at masked positions (the run's masking, fixed seed): top-1 agreement with the
-  teacher's MLM prediction, masked-token loss and accuracy.
+  sentence embeddings to the teacher's; when the collator masks (the logits objective), at the masked positions (the
+  run's masking, fixed seed): top-1 agreement with the teacher's MLM prediction, masked-token loss and accuracy.
 
 STS-B comes from a GLUE STS-B dev.tsv given as `stsb_file`, else from the Hub (nyu-mll/glue, stsb, validation);
 when neither is available the scores say why, and the one-line result rests on held-out fidelity.
@@ -29,16 +30,26 @@ def mean_pool(hidden, attention_mask):
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
+def pool(hidden, attention_mask, pooling=None):
+    """Sentence embeddings [batch, dim] pooled as `pooling` (a sentence_embedding.Pooling) says; mean by default."""
+    from ..losses import sentence_pool
+
+    if pooling is None:
+        return mean_pool(hidden, attention_mask)
+    return sentence_pool(hidden, attention_mask, pooling.mode, pooling.normalize)
+
+
 @torch.no_grad()
-def embed_sentences(model, tokenizer, sentences, batch_size=64, max_length=128):
-    """Mean-pooled last hidden states of the model's body (its LM head is not used), float32 [n, dim]."""
+def embed_sentences(model, tokenizer, sentences, batch_size=64, max_length=128, pooling=None):
+    """Pooled last hidden states of the model's body (its LM head is not used), float32 [n, dim]; mean pooling
+    unless `pooling` (a sentence_embedding.Pooling) says otherwise."""
     body = model.base_model.eval()
     out = []
     for start in range(0, len(sentences), batch_size):
         enc = tokenizer(list(sentences[start:start + batch_size]), padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")
         hidden = body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        out.append(mean_pool(hidden.float(), enc["attention_mask"]))
+        out.append(pool(hidden.float(), enc["attention_mask"], pooling))
     return torch.cat(out)
 
 
@@ -49,10 +60,10 @@ def spearman(x, y):
     return float(spearmanr(x, y).correlation)
 
 
-def stsb_spearman(model, tokenizer, stsb, max_length=128):
+def stsb_spearman(model, tokenizer, stsb, max_length=128, pooling=None):
     """Spearman correlation between the gold scores and the cosine of the two sentences' embeddings."""
-    first = embed_sentences(model, tokenizer, stsb["sentence1"], max_length=max_length)
-    second = embed_sentences(model, tokenizer, stsb["sentence2"], max_length=max_length)
+    first = embed_sentences(model, tokenizer, stsb["sentence1"], max_length=max_length, pooling=pooling)
+    second = embed_sentences(model, tokenizer, stsb["sentence2"], max_length=max_length, pooling=pooling)
     cosine = torch.nn.functional.cosine_similarity(first, second, dim=-1)
     return spearman(cosine.tolist(), stsb["score"])
 
@@ -122,39 +133,59 @@ def mlm_logits_at(model, hidden):
 
 
 @torch.no_grad()
-def heldout_fidelity(models, teacher, rows, collator, batch_size=32):
-    """{role: {token_cosine, sentence_cosine, top1_agreement, mlm_loss, mlm_accuracy}} of each model in `models`
-    against `teacher` on the held-out `rows`. Embeddings come from the unmasked text; the MLM figures from the
-    masked positions of the collator's masking (a copy at epoch 0: the same masks for every model and run)."""
+def heldout_fidelity(models, teacher, rows, collator, batch_size=32, pooling=None):
+    """{role: {token_cosine, sentence_cosine[, top1_agreement, mlm_loss, mlm_accuracy]}} of each model in `models`
+    against `teacher` on the held-out `rows`. Embeddings come from the unmasked text (sentence embeddings pooled as
+    `pooling`); the MLM figures from the masked positions of the collator's masking (a copy at epoch 0: the same
+    masks for every model and run), only when the collator masks (makes `labels`)."""
     collator = copy.copy(collator)
     if hasattr(collator, "set_epoch"):
         collator.set_epoch(0)
-    sums = {role: {"token_cosine": 0.0, "sentence_cosine": 0.0, "top1_agreement": 0, "mlm_loss": 0.0,
-                   "mlm_accuracy": 0} for role in models}
-    tokens = sentences = masked = 0
+    sums = {role: {} for role in models}
+    counts = {"token_cosine": 0, "sentence_cosine": 0}
     for start in range(0, len(rows), batch_size):
         batch = collator(rows[start:start + batch_size])
-        ids, mask = _unmasked(batch), batch["attention_mask"]
-        where = batch["labels"] != -100
-        targets = batch["labels"][where]
+        masked = batch.get("labels") is not None
+        ids, mask = (_unmasked(batch) if masked else batch["input_ids"]), batch["attention_mask"]
         t_hidden = _hidden(teacher, ids, mask)
-        t_sentence = mean_pool(t_hidden, mask)
-        t_logits = mlm_logits_at(teacher, _hidden(teacher, batch["input_ids"], mask)[where]).float()
-        real = mask.bool()
         for role, model in models.items():
             hidden = t_hidden if model is teacher else _hidden(model, ids, mask)
-            logits = t_logits if model is teacher else mlm_logits_at(
-                model, _hidden(model, batch["input_ids"], mask)[where]).float()
-            s = sums[role]
-            s["token_cosine"] += _cosine(hidden[real], t_hidden[real]).sum().item()
-            s["sentence_cosine"] += _cosine(mean_pool(hidden, mask), t_sentence).sum().item()
-            s["top1_agreement"] += int((logits.argmax(-1) == t_logits.argmax(-1)).sum())
-            s["mlm_loss"] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            s["mlm_accuracy"] += int((logits.argmax(-1) == targets).sum())
-        tokens, sentences, masked = tokens + int(real.sum()), sentences + len(ids), masked + len(targets)
-    counts = {"token_cosine": tokens, "sentence_cosine": sentences, "top1_agreement": masked, "mlm_loss": masked,
-              "mlm_accuracy": masked}
+            _add(sums[role], _embedding_sums(hidden, t_hidden, mask, pooling))
+        counts["token_cosine"] += int(mask.sum())
+        counts["sentence_cosine"] += len(ids)
+        if masked:
+            for role, figures in _mlm_sums(models, teacher, batch).items():
+                _add(sums[role], figures)
+            where = batch["labels"] != -100
+            for key in ("top1_agreement", "mlm_loss", "mlm_accuracy"):
+                counts[key] = counts.get(key, 0) + int(where.sum())
     return {role: {k: v / counts[k] for k, v in s.items()} for role, s in sums.items()}
+
+
+def _add(total, figures):
+    for key, value in figures.items():
+        total[key] = total.get(key, 0) + value
+
+
+def _embedding_sums(hidden, t_hidden, mask, pooling):
+    real = mask.bool()
+    return {"token_cosine": _cosine(hidden[real], t_hidden[real]).sum().item(),
+            "sentence_cosine": _cosine(pool(hidden, mask, pooling), pool(t_hidden, mask, pooling)).sum().item()}
+
+
+def _mlm_sums(models, teacher, batch):
+    """{role: MLM figure sums} at the batch's masked positions (its labels), against the teacher's prediction."""
+    mask, where = batch["attention_mask"], batch["labels"] != -100
+    targets = batch["labels"][where]
+    t_logits = mlm_logits_at(teacher, _hidden(teacher, batch["input_ids"], mask)[where]).float()
+    sums = {}
+    for role, model in models.items():
+        logits = t_logits if model is teacher else mlm_logits_at(
+            model, _hidden(model, batch["input_ids"], mask)[where]).float()
+        sums[role] = {"top1_agreement": int((logits.argmax(-1) == t_logits.argmax(-1)).sum()),
+                      "mlm_loss": torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item(),
+                      "mlm_accuracy": int((logits.argmax(-1) == targets).sum())}
+    return sums
 
 
 def _unmasked(batch):
@@ -175,17 +206,19 @@ def _cosine(a, b):
 
 # ---------- all together ----------
 
-def score_models(models, teacher, tokenizer, collator, stsb_file=None, heldout_rows=None, max_length=128):
+def score_models(models, teacher, tokenizer, collator, stsb_file=None, heldout_rows=None, max_length=128,
+                 pooling=None):
     """The scores of `models` ({role: model}, roles as in score_text.MODEL_ROLES; the teacher is one) as a JSON-ready
     dict: {"models": {role: {stsb_spearman?, fidelity...}}, "stsb_source", "stsb_unavailable", "stsb_pairs",
-    "heldout_sequences"}."""
+    "heldout_sequences", "pooling"}; sentence embeddings pooled as `pooling` (mean by default)."""
     stsb, source, why = load_stsb(stsb_file)
     scores = {"models": {role: {} for role in models}, "stsb_source": source, "stsb_unavailable": why,
-              "stsb_pairs": len(stsb["score"]) if stsb else 0, "heldout_sequences": len(heldout_rows or [])}
+              "stsb_pairs": len(stsb["score"]) if stsb else 0, "heldout_sequences": len(heldout_rows or []),
+              "pooling": pooling.describe() if pooling is not None else "mean pooling"}
     if stsb:
         for role, model in models.items():
-            scores["models"][role]["stsb_spearman"] = stsb_spearman(model, tokenizer, stsb, max_length)
+            scores["models"][role]["stsb_spearman"] = stsb_spearman(model, tokenizer, stsb, max_length, pooling)
     if heldout_rows:
-        for role, figures in heldout_fidelity(models, teacher, heldout_rows, collator).items():
+        for role, figures in heldout_fidelity(models, teacher, heldout_rows, collator, pooling=pooling).items():
             scores["models"][role].update(figures)
     return scores

@@ -72,9 +72,22 @@ class SaveStudent(Stage):
         ctx.trainer.save_model(str(partial))  # every rank: DeepSpeed ZeRO-3 gathers the shards here
         if ctx.is_main:
             ctx.tokenizer.save_pretrained(partial)
+            _save_as_sentence_transformer(ctx, partial)
             (partial / TRAINING_LOG).write_text(json.dumps(ctx.trainer.state.log_history, indent=2))
             if final_dir.exists():
                 shutil.rmtree(final_dir)
             os.replace(partial, final_dir)
         state.wait_for_everyone()
         return str(final_dir)
+
+
+def _save_as_sentence_transformer(ctx, folder):
+    """A student distilled with the embedding objective is also a sentence-transformers model (SentenceTransformer(
+    folder) embeds as the run's scores do: the teacher's pooling, max_seq_length = the run's max_length)."""
+    from ..model_utils import hidden_size
+    from ..sentence_embedding import write_sentence_transformers_files
+    from .objective import EMBEDDING, objective, scoring_pooling
+
+    if objective(ctx) == EMBEDDING:
+        write_sentence_transformers_files(folder, scoring_pooling(ctx), hidden_size(ctx.trainer.model),
+                                          ctx.data_args.max_length or 128)

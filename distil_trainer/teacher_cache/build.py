@@ -3,7 +3,7 @@
 
 A build happens in `<cache_dir>.partial/` with `progress.json` rewritten (atomically) after each complete shard, so
 a killed build resumes after its last complete shard; the finished folder is renamed to `<cache_dir>` with its
-manifest. See `store.py` for the layout and the README ("Teacher-output cache") for the stored columns.
+manifest. See `store.py` for the layout and docs/teacher_cache.md ("Teacher-output cache") for the stored columns.
 """
 
 import contextlib
@@ -24,7 +24,7 @@ from .identity import (REPLACE, TeacherCacheMismatch, data_identity, differing_f
                        mismatch_message, teacher_identity)
 from .shard import DTYPES, compute_shard
 from .store import (FORMAT, LOW_TOPK_MASS, MANIFEST_FILE, TeacherCache, load_teacher_cache, partial_dir, read_manifest,
-                    shard_problems)
+                    shard_problems, topk_coverage)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class CachePlan:
     batch_size: int
     shard_rows: int
     collator: object = None
+    coverage_temperature: float = 1.0  # the statistics only, not the identity: what is stored does not depend on it
 
 
 # ---- settings -------------------------------------------------------------------------------------------------
@@ -108,7 +109,9 @@ def plan_build(teacher, head, tokenizer, *, top_k, positions, dtype, hidden_laye
             raise ValueError("epochs > 1 and mlm_collator are for masked-LM teachers (one masked copy per epoch); "
                              f"a {head} teacher sees the same inputs every epoch, so build one epoch.")
         return plan
-    plan.vocab_size = min(vocab_size(teacher), len(tokenizer))
+    # Every row of the head, padded ones included (Qwen2.5, Pythia, Phi pad theirs past the tokenizer): the online
+    # softmax runs over all of them, so the cached top-k and logsumexp must too.
+    plan.vocab_size = vocab_size(teacher)
     plan.top_k = plan.vocab_size if top_k is None else int(top_k)
     if not 1 <= plan.top_k <= plan.vocab_size:
         raise ValueError(f"top_k={top_k} must be between 1 and the vocabulary size {plan.vocab_size}.")
@@ -226,18 +229,24 @@ def _pad_id(tokenizer):
     return 0
 
 
-def _stats(progress, rows):
+def _stats(progress, rows, temperature):
     shards = [s for epoch in progress["epochs"] for s in epoch]
     positions = sum(s["positions"] for s in shards)
     mass = sum(s["topk_mass_sum"] for s in shards)
     size = sum(f["size"] for s in shards for f in s["files"].values())
+    lm = bool(positions and progress["identity"]["top_k"])
+    # At the training temperature, from the shards measured at it (a build resumed with another one has none).
+    at_t = lm and all(s.get("temperature") == temperature for s in shards)
     return {"rows": rows, "positions": positions, "bytes": size, "seconds": round(progress["seconds"], 3),
-            "topk_mass_mean": (mass / positions) if positions and progress["identity"]["top_k"] else None}
+            "topk_mass_mean": (mass / positions) if lm else None,
+            "topk_mass_temperature": temperature if at_t else None,
+            "topk_mass_mean_at_temperature": sum(s["topk_mass_sum_at_t"] for s in shards) / positions if at_t
+            else None}
 
 
 def build_teacher_cache(teacher, dataset, output_dir, tokenizer, *, head=None, top_k=64, positions=None,
                         dtype="float16", hidden_layers=(), epochs=1, mlm_collator=None, batch_size=32, shard_rows=4096,
-                        device=None, overwrite=False, verbose=True):
+                        device=None, overwrite=False, verbose=True, temperature=1.0):
     """Run `teacher` once over `dataset` (a `datasets.Dataset` with unpadded `input_ids`) and cache its outputs in
     `output_dir`; returns the `TeacherCache`. An existing cache of the same identity is returned as is, one of
     another identity refused unless `overwrite`; an interrupted build resumes after its last complete shard.
@@ -247,6 +256,8 @@ def build_teacher_cache(teacher, dataset, output_dir, tokenizer, *, head=None, t
     "masked": the masked positions, the MLM default); task heads store their full logits. `hidden_layers`: indices
     into the teacher's hidden states (0 = embeddings, -1 = last) stored in `dtype`. MLM: `epochs` masked copies, copy
     e masked by `mlm_collator` (a seeded `MaskedLMCollator`) after `set_epoch(e)`, in batches of `batch_size`.
+    `temperature`: the training temperature, at which the top-k coverage is measured too (the statistics only).
+    One build of `output_dir` at a time: a second one, from any process, is refused naming the first (`build_lock`).
     """
     start_time = time.perf_counter()
     output_dir = Path(output_dir)
@@ -258,27 +269,47 @@ def build_teacher_cache(teacher, dataset, output_dir, tokenizer, *, head=None, t
     plan = plan_build(teacher, head, tokenizer, top_k=top_k, positions=positions, dtype=dtype,
                       hidden_layers=hidden_layers, epochs=epochs, mlm_collator=mlm_collator, batch_size=batch_size,
                       shard_rows=shard_rows)
+    plan.coverage_temperature = float(temperature)
     identity = cache_identity(teacher, tokenizer, dataset, plan)
     existing = _existing_cache(output_dir, identity, overwrite)
-    if existing is not None:
-        if verbose:
-            print(format_summary(existing, cache_hit=True))
-        return existing
+    if existing is None:
+        with build_lock(output_dir):
+            # Checked again under the lock: another build may have published this cache since the first look.
+            existing = _existing_cache(output_dir, identity, overwrite)
+            if existing is None:
+                result = _build(teacher, dataset, tokenizer, plan, identity, output_dir, device, verbose)
+                if verbose:
+                    print(format_summary(result, cache_hit=False, seconds=time.perf_counter() - start_time))
+                return result
+    if verbose:
+        print(format_summary(existing, cache_hit=True))
+    return existing
 
+
+def build_lock(output_dir):
+    """Held while `output_dir` is built: a lock file next to it (`.<name>.build.lock`, the run lock of run_lock.py,
+    so a dead build's lock is taken over as a dead run's is). Another process building the same cache meanwhile is
+    refused with `OutputDirInUse` naming this one (pid, host, start, command)."""
+    from ..run_lock import output_dir_lock
+
+    output_dir = Path(output_dir).resolve()
+    return output_dir_lock(output_dir.parent, lock_name=f".{output_dir.name}.build.lock",
+                           what=f"The teacher cache {str(output_dir)!r} (being built)")
+
+
+def _build(teacher, dataset, tokenizer, plan, identity, output_dir, device, verbose):
+    """Compute the missing shards in `<output_dir>.partial`, write the manifest, publish the folder."""
     build_dir = partial_dir(output_dir)
     progress = _resume_progress(build_dir, identity, plan)
     _compute_missing_shards(teacher, dataset, tokenizer, plan, progress, build_dir, device, verbose)
     manifest = {"format": FORMAT, "identity": identity,
                 "epochs": [{"shards": [{k: s[k] for k in ("path", "rows", "files")} for s in epoch]}
                            for epoch in progress["epochs"]],
-                "stats": _stats(progress, len(dataset))}
+                "stats": _stats(progress, len(dataset), plan.coverage_temperature)}
     cache.write_json_atomic(build_dir / MANIFEST_FILE, manifest)  # last: its presence = the cache is complete
     os.remove(build_dir / PROGRESS_FILE)
     cache.publish_dir(build_dir, output_dir)
-    result = TeacherCache(output_dir, manifest)
-    if verbose:
-        print(format_summary(result, cache_hit=False, seconds=time.perf_counter() - start_time))
-    return result
+    return TeacherCache(output_dir, manifest)
 
 
 def _compute_missing_shards(teacher, dataset, tokenizer, plan, progress, build_dir, device, verbose):
@@ -302,7 +333,9 @@ def _compute_missing_shards(teacher, dataset, tokenizer, plan, progress, build_d
                     files = _write_shard(table, build_dir, rel)
                     progress["epochs"][e].append({"path": rel, "rows": end - begin, "files": files,
                                                   "positions": columns.positions,
-                                                  "topk_mass_sum": columns.topk_mass_sum})
+                                                  "topk_mass_sum": columns.topk_mass_sum,
+                                                  "topk_mass_sum_at_t": columns.topk_mass_sum_at_t,
+                                                  "temperature": plan.coverage_temperature})
                     progress["seconds"] += time.perf_counter() - shard_start
                     cache.write_json_atomic(build_dir / PROGRESS_FILE, progress)
         finally:
@@ -321,11 +354,16 @@ def format_summary(teacher_cache, cache_hit, seconds=None):
     if s["positions"]:
         lines.append(f"  bytes / position  {s['bytes'] / s['positions']:>12,.1f}")
     if s.get("topk_mass_mean") is not None:
-        lines.append(f"  top-{i['top_k']} mass mean  {s['topk_mass_mean']:>10.4f}  (teacher probability in the top-k)")
-        if s["topk_mass_mean"] < LOW_TOPK_MASS:
-            lines.append(f"  warning: under {LOW_TOPK_MASS:.0%} of the teacher's probability is kept; the renormalised "
-                         "top-k target is much sharper than the teacher (see README, Training from the cache): "
-                         "consider a larger top_k")
+        lines.append(f"  top-{i['top_k']} mass mean  {s['topk_mass_mean']:>10.4f}  (teacher probability in the "
+                     "top-k, T = 1)")
+        if s.get("topk_mass_mean_at_temperature") is not None and s["topk_mass_temperature"] != 1:
+            lines.append(f"  top-{i['top_k']} mass at T  {s['topk_mass_mean_at_temperature']:>10.4f}  (at the "
+                         f"training temperature T = {s['topk_mass_temperature']:g})")
+        mass, temperature = topk_coverage(s)
+        if mass < LOW_TOPK_MASS:
+            lines.append(f"  warning: under {LOW_TOPK_MASS:.0%} of the teacher's probability is kept at T = "
+                         f"{temperature:g}; the renormalised top-k target is much sharper than the teacher (see "
+                         "docs/teacher_cache.md, Training from the cache): consider a larger top_k")
     lines.append(f"  teacher time      {s['seconds']:>11.1f}s")
     if seconds is not None:
         lines.append(f"  total time        {seconds:>11.1f}s")

@@ -1,7 +1,8 @@
 """`CachedTeacherCollator`: pads rows of a teacher-output cache into a batch with dense teacher tensors.
 
 A cache row holds what the teacher saw (`input_ids`, already masked for MLM), the targets, and the teacher's
-outputs (see README "Teacher-output cache"). The batch gets the usual padded student inputs and targets, and:
+outputs (see docs/teacher_cache.md, "Teacher-output cache"). The batch gets the usual padded student inputs and
+targets, and:
 `teacher_topk_ids` [B, L, k] long / `teacher_topk_logits` [B, L, k] float32 / `teacher_cached_mask` [B, L] bool
 (LM caches: the positions that have top-k), `teacher_logits` (classification: [B, C]; token classification:
 [B, L, C]), `teacher_start_logits` / `teacher_end_logits` [B, L] (QA) and `teacher_hidden.<i>` [B, L, H] float32.

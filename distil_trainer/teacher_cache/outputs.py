@@ -39,14 +39,28 @@ def cached_teacher_output(inputs, vocab_size=None, dense=False):
     return out
 
 
-def topk_kl_sums(student_logits, teacher_out, temperature, mask, vocab_size=None):
-    """({"ce": summed top-k KL}, (top-1 agreements, positions)) over the positions in `mask`, the student's logits
-    read over the cache's vocabulary range (its first `vocab_size` entries)."""
+def topk_kl_sums(student_logits, teacher_out, temperature, mask, vocab_size=None, teacher_wider=False):
+    """({"ce": summed top-k KL}, (top-1 agreements, positions)) over the positions in `mask`, over the first
+    `vocab_size` vocabulary entries (None: all). `teacher_wider`: the cache spans more entries than that (a student
+    head padded narrower than the teacher's); its stored ids past the range are left out of the top k, whose
+    remaining logits are renormalised, as the online KL over the shared range is."""
+    topk_ids, topk_logits = teacher_out.topk_ids, teacher_out.topk_logits
     if vocab_size is not None:
         student_logits = student_logits[..., :vocab_size]
-    kl = losses.topk_soft_target_kl(student_logits, teacher_out.topk_ids, teacher_out.topk_logits, temperature,
-                                    mask=mask, reduction="sum")
-    return {"ce": kl}, losses.topk_agreement(student_logits.detach(), teacher_out.topk_ids, mask=mask)
+        if teacher_wider:
+            topk_ids, topk_logits = within_range(topk_ids, topk_logits, vocab_size)
+    kl = losses.topk_soft_target_kl(student_logits, topk_ids, topk_logits, temperature, mask=mask, reduction="sum")
+    return {"ce": kl}, losses.topk_agreement(student_logits.detach(), topk_ids, mask=mask)
+
+
+def within_range(topk_ids, topk_logits, vocab_size):
+    """The top-k restricted to ids < vocab_size: the others get logit -inf (no mass) and go last, so that the first
+    id is still the top-1 in range."""
+    outside = topk_ids >= vocab_size
+    logits = topk_logits.masked_fill(outside, float("-inf"))
+    order = torch.argsort(logits, dim=-1, descending=True, stable=True)
+    ids = topk_ids.masked_fill(outside, 0)  # a valid index; its logit is -inf
+    return ids.gather(-1, order), logits.gather(-1, order)
 
 
 def is_teacher_key(key):

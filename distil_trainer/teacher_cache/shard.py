@@ -1,5 +1,5 @@
 """One shard of a teacher-output cache: batches of rows through the teacher, and the Arrow table of what is stored
-(see the column list in the README, "Teacher-output cache")."""
+(see the column list in docs/teacher_cache.md, "Teacher-output cache")."""
 
 import numpy as np
 import torch
@@ -62,7 +62,8 @@ class ShardColumns:
     def __init__(self):
         self.columns = {}
         self.positions = 0
-        self.topk_mass_sum = 0.0
+        self.topk_mass_sum = 0.0  # teacher probability inside the stored top k, summed over positions (T = 1)
+        self.topk_mass_sum_at_t = 0.0  # the same at the plan's coverage temperature (the training temperature)
 
     def add(self, name, per_row):
         self.columns.setdefault(name, []).extend(per_row)
@@ -103,7 +104,10 @@ def _add_lm_outputs(out, logits, mask, plan):
     logsumexp = torch.logsumexp(selected, dim=-1)
     top = torch.topk(selected, plan.top_k, dim=-1, sorted=True)
     out.positions += int(selected.shape[0])
-    out.topk_mass_sum += float(torch.exp(torch.logsumexp(top.values, -1) - logsumexp).sum())
+    mass = float(torch.exp(torch.logsumexp(top.values, -1) - logsumexp).sum())
+    out.topk_mass_sum += mass
+    t = plan.coverage_temperature
+    out.topk_mass_sum_at_t += mass if t == 1 else _topk_mass_sum(selected, top.values, t)
     bounds = np.cumsum([0] + counts)
     ids = top.indices.to(torch.int32).cpu().numpy()
     vals = top.values.to(torch_dtype).cpu().numpy()
@@ -113,6 +117,13 @@ def _add_lm_outputs(out, logits, mask, plan):
     out.add("teacher_topk_ids", [ids[bounds[i]:bounds[i + 1]] for i in rows])
     out.add("teacher_topk_logits", [vals[bounds[i]:bounds[i + 1]] for i in rows])
     out.add("teacher_logsumexp", [lse[bounds[i]:bounds[i + 1]] for i in rows])
+
+
+def _topk_mass_sum(logits, topk_values, temperature):
+    """Sum over rows of softmax(logits / T)'s mass on the top k: what L_ce's renormalised target keeps at T (the
+    top k by logit is the top k at any T > 0)."""
+    t = float(temperature)
+    return float(torch.exp(torch.logsumexp(topk_values / t, -1) - torch.logsumexp(logits / t, -1)).sum())
 
 
 def _add_task_outputs(out, result, head, lengths):

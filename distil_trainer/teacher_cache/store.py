@@ -23,6 +23,16 @@ _VERIFY = {"changed": "changed", "full": True, "size": False}
 LOW_TOPK_MASS = 0.5
 
 
+def topk_coverage(stats, temperature=None):
+    """(mean teacher probability inside the stored top k, the temperature it was measured at): at the training
+    temperature the build was given when there is that figure (and it is `temperature`, if given), else at T = 1.
+    Raising T flattens the teacher, so the mass at T > 1 is at most the mass at T = 1."""
+    at_t = stats.get("topk_mass_temperature")
+    if stats.get("topk_mass_mean_at_temperature") is not None and temperature in (None, at_t):
+        return stats["topk_mass_mean_at_temperature"], at_t
+    return stats.get("topk_mass_mean"), 1.0
+
+
 def partial_dir(path):
     """Where a cache is built before it is moved to `path` (same parent, so the final rename is atomic)."""
     path = Path(path)
@@ -80,7 +90,8 @@ class TeacherCache:
         """All cached epochs as one training dataset (epoch e of training reads masked copy e)."""
         from .epochs import CachedEpochsDataset  # the training side's class
 
-        return CachedEpochsDataset([self.epoch(e) for e in range(self.num_epochs)])
+        masked = self.identity.get("masking") is not None  # an MLM cache: one masked copy per epoch
+        return CachedEpochsDataset([self.epoch(e) for e in range(self.num_epochs)], masked=masked)
 
     def __repr__(self):
         i = self.identity

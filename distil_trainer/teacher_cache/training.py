@@ -1,18 +1,16 @@
 """What `DistillationTrainer(teacher_cache=...)` needs of a teacher-output cache: the checks run before any compute,
-the default dataset and collator, the columns to keep, the teacher outputs of a batch, and a masked-LM student's
-head terms on the rows they read."""
+the default dataset and collator, the columns to keep, and the teacher outputs of a batch (for the fused LM-head path,
+as `TeacherRows`: the student's head then projects only the rows its terms read)."""
 
-import dataclasses
 import logging
 import os
 
-from .. import losses
-from ..checks import check_chunked_head
-from ..model_utils import LM_HEADS, MASKED_LM, head_kind, hidden_size, unwrap, vocab_size
+from ..fused_head import TeacherRows
+from ..model_utils import LM_HEADS, head_kind, hidden_size, unwrap, vocab_size
 from .collator import CACHED_MASK_KEY, HIDDEN_PREFIX, CachedTeacherCollator
 from .epochs import CacheEpochCallback, CachedEpochsDataset
-from .outputs import cached_teacher_output, topk_kl_sums
-from .store import LOW_TOPK_MASS
+from .outputs import cached_teacher_output, topk_kl_sums, within_range
+from .store import LOW_TOPK_MASS, topk_coverage
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +27,13 @@ def open_cache(teacher_cache):
     return teacher_cache
 
 
-def warn_low_coverage(cache):
-    mass = cache.stats.get("topk_mass_mean")
+def warn_low_coverage(cache, temperature=None):
+    mass, measured_at = topk_coverage(cache.stats, temperature)
     if mass is not None and mass < LOW_TOPK_MASS:
-        logger.warning("The teacher cache's top %d logits hold on average only %.0f%% of the teacher's probability: "
-                       "L_ce from it trains on the top k renormalised, a much sharper target than the teacher's own "
-                       "distribution. Rebuild with a larger top_k, or train with the teacher online.",
-                       cache.identity["top_k"], 100 * mass)
+        logger.warning("The teacher cache's top %d logits hold on average only %.0f%% of the teacher's probability "
+                       "(at T = %g): L_ce from it trains on the top k renormalised, a much sharper target than the "
+                       "teacher's own distribution. Rebuild with a larger top_k, or train with the teacher online.",
+                       cache.identity["top_k"], 100 * mass, measured_at)
 
 
 class CacheTraining:
@@ -55,26 +53,19 @@ class CacheTraining:
         _check_tokenizer(tokenizer, identity)
         weights = args.loss_weights
         if "ce" in weights:
-            warn_low_coverage(self.cache)
+            warn_low_coverage(self.cache, args.temperature)
         # Every logit is stored (k = V): L_mse and the other divergences read them scattered back to dense logits.
         self.dense = self.is_lm and self.top_k >= self.vocab_size and (
             "mse" in weights or args.divergence != "forward_kl")
-        student_vocab = vocab_size(student) if self.is_lm else None
-        # Logit terms compare the cache's vocabulary range; a student padded wider is cut to it.
-        self.shared_vocab = self.vocab_size if self.is_lm and student_vocab > self.vocab_size else None
-        # A masked-LM student's L_ce (top-k) and L_mlm read its logits only at the masked and cached positions:
-        # projecting those rows alone skips most of the [tokens x vocab] head, the larger part of a small student's
-        # step. The trainer turns it off where the head is sharded (FSDP, ZeRO-3).
-        self.rows_only = not self.dense and "mse" not in weights and _projects_its_own_head(student, args)
+        # Leading vocabulary entries the logit terms compare, as online (checks.shared_vocab_size): all when the
+        # student's head has the cache's width, else the narrower of the two.
+        self.shared_vocab = _shared_vocab(vocab_size(student), self.vocab_size, identity) if self.is_lm else None
 
     def _check_student(self, student, args):
         student_head = head_kind(student)
         if student_head != self.head:
             raise ValueError(f"The teacher cache holds {self.head} outputs but the student {type(unwrap(student)).__name__}"
                              f" is {student_head}; use a student with the cache's head, or build a cache for it.")
-        if self.is_lm and vocab_size(student) < self.vocab_size:
-            raise ValueError(f"The teacher cache's logits span {self.vocab_size} tokens but the student's only "
-                             f"{vocab_size(student)}; give the student the tokenizer's whole vocabulary.")
         if "cos" in args.loss_weights:
             teacher = self.cache.identity["teacher"]
             if teacher["num_hidden_layers"] not in self.hidden_layers:
@@ -103,34 +94,35 @@ class CacheTraining:
         return cached_teacher_output(inputs, self.vocab_size, dense=self.dense)
 
     def topk_sums(self, student_logits, teacher_out, temperature, mask):
-        return topk_kl_sums(student_logits, teacher_out, temperature, mask, self.shared_vocab)
+        return topk_kl_sums(student_logits, teacher_out, temperature, mask, self.shared_vocab,
+                            teacher_wider=self.shared_vocab is not None and self.shared_vocab < self.vocab_size)
 
-    def row_head_sums(self, student, features, teacher_out, labels, kl_mask, weights, temperature):
-        """({"ce", "mlm": sums}, agreement) with the student's LM head run only on the rows the terms read.
-
-        `features`: [B, L, D], what the head projects (a forward under `chunked_head.features_only`); `kl_mask`:
-        [B, L], the positions of L_ce; `labels`: [B, L], those of L_mlm (-100 elsewhere)."""
-        rows = kl_mask | (labels != -100) if labels is not None else kl_mask
-        logits = unwrap(student).get_output_embeddings()(features[rows])  # [rows, V]
-        sums, agreement = {}, None
-        if "ce" in weights:
-            teacher_rows = dataclasses.replace(teacher_out, topk_ids=teacher_out.topk_ids[rows],
-                                               topk_logits=teacher_out.topk_logits[rows])
-            sums, agreement = self.topk_sums(logits, teacher_rows, temperature, kl_mask[rows])
-        if "mlm" in weights:
-            sums["mlm"] = losses.masked_lm_loss(logits, labels[rows], reduction="sum")
-        return sums, agreement
+    def teacher_rows(self, teacher_out):
+        """The cached teacher logits as the fused LM-head path reads them (`fused_head.TeacherRows`): the top k
+        (restricted to the student's range when the cache spans more entries), or dense logits."""
+        if teacher_out.topk_ids is None:
+            return TeacherRows(logits=teacher_out.logits)
+        ids, logits = teacher_out.topk_ids, teacher_out.topk_logits
+        if self.shared_vocab is not None and self.shared_vocab < self.vocab_size:
+            ids, logits = within_range(ids, logits, self.shared_vocab)
+        return TeacherRows(topk_ids=ids, topk_logits=logits)
 
 
-def _projects_its_own_head(student, args):
-    """A masked LM whose logits are its output embedding applied to the features its forward passes it."""
-    if head_kind(student) != MASKED_LM:
-        return False
-    try:
-        check_chunked_head(student, student, args)  # the conditions of projecting the head's features outside it
-    except ValueError:
-        return False
-    return True
+def _shared_vocab(student_vocab, cache_vocab, identity):
+    """None (every entry) when the student's head is as wide as the cache's, else the narrower width, which must
+    hold every token of the tokenizer (the rows past it are padding no text maps to)."""
+    if student_vocab == cache_vocab:
+        return None
+    shared = min(student_vocab, cache_vocab)
+    tokens = (identity.get("tokenizer") or {}).get("vocab_size")
+    if tokens is not None and tokens > shared:
+        raise ValueError(f"The teacher cache's logits span {cache_vocab} entries and the student's head {student_vocab}"
+                         f": the narrower leaves out ids of the cache's tokenizer ({tokens} tokens). Give the student "
+                         f"at least {tokens} vocabulary rows (the teacher's {cache_vocab}, as distil-trainer extract "
+                         "does).")
+    logger.info("Student head (%d rows) and teacher cache (%d) are padded apart; comparing logits over the first %d "
+                "entries, as online.", student_vocab, cache_vocab, shared)
+    return shared
 
 
 def _check_arguments(args, identity, is_lm):
@@ -145,18 +137,14 @@ def _check_arguments(args, identity, is_lm):
         raise ValueError(f"lmbda={args.lmbda}, seq_kd={args.seq_kd}: on-policy and sequence-level distillation score "
                          "text generated during training, which no cache holds; train with the teacher model, or set "
                          "lmbda=0 and seq_kd=False.")
-    if args.logits_chunk_size is not None:
-        raise ValueError(f"logits_chunk_size={args.logits_chunk_size} projects the teacher's hidden states with its "
-                         "LM head, which a cache does not have; the cache's top-k needs no [tokens x vocab] teacher "
-                         "tensor anyway. Set logits_chunk_size=None.")
     top_k, vocab = identity.get("top_k"), identity.get("vocab_size")
     if is_lm and top_k is not None and vocab is not None and top_k < vocab:
         partial = ([f"alpha_mse={args.alpha_mse}"] if "mse" in w else []) + (
             [f"divergence={args.divergence!r}"] if args.divergence != "forward_kl" else [])
         if partial:
             raise ValueError(f"{' and '.join(partial)} need all {vocab} teacher logits, but the cache holds the top "
-                             f"{top_k}; only the forward KL is defined from a top-k (README \"Training from the "
-                             "cache\"). Set alpha_mse=0 and divergence='forward_kl', or rebuild with top_k="
+                             f"{top_k}; only the forward KL is defined from a top-k (docs/teacher_cache.md, \"Training "
+                             "from the cache\"). Set alpha_mse=0 and divergence='forward_kl', or rebuild with top_k="
                              f"{vocab} and dtype='float32'.")
     if identity.get("positions") == "masked" and not args.restrict_ce_to_mask and ("ce" in w or "mse" in w):
         raise ValueError("The teacher cache holds logits at the masked positions only (positions='masked'), but "

@@ -79,4 +79,3 @@ trainer.train()
     "stopped_on_nonfinite": trainer.stopped_on_nonfinite, "global_step": trainer.state.global_step,
     "steps": record.steps,
 }))
-torch.distributed.destroy_process_group()
