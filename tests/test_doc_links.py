@@ -3,7 +3,6 @@ the file exists, and a `#anchor` names a heading of the target. External (http, 
 checked: the tests run offline."""
 
 import re
-from pathlib import Path
 
 import pytest
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import tiny
 from distil_trainer.pipeline import main
 from distil_trainer.pipeline.model_card import StudentCardInfo, build_model_card
 from distil_trainer.pipeline.onnx_latency import latency_table

@@ -105,6 +105,17 @@ def test_a_corpus_on_the_command_line_replaces_the_recipes(tmp_path):
     assert (data.file_path, data.dataset_name) == (None, "some/corpus")
 
 
+def test_student_layers_on_the_command_line_replace_the_recipes_layer_choice(tmp_path):
+    config = write(tmp_path, MINIMAL + "layer_strategy: block_influence\nstudent_num_layers: 3\n")
+    model, _, _, _ = parse_recipe_args(["--config", config, "--student_layers", "0,3,5"])
+    assert (model.student_layers, model.layer_strategy, model.student_num_layers) == ("0,3,5", None, None)
+    config = write(tmp_path, MINIMAL + "student_layers: 0,2,4\n")
+    model, _, _, _ = parse_recipe_args(["--config", config, "--layer_strategy", "angular", "--student_num_layers", "2"])
+    assert (model.student_layers, model.layer_strategy, model.student_num_layers) == (None, "angular", 2)
+    model, _, _, _ = parse_recipe_args(["--config", config])  # nothing on the command line: the YAML's as written
+    assert (model.student_layers, model.layer_strategy) == ("0,2,4", None)
+
+
 # ---- SmolLM2: a GGUF teacher from an installed PyPI package ----
 
 def _smollm2_recipe():

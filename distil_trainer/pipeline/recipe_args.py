@@ -231,6 +231,11 @@ def parse_recipe_args(argv=None, default_config=None):
         yaml_argv = _drop(yaml_argv, ("file_path", "binarized_data"))
     if "binarized_data" in cli_keys and not cli_keys & {"file_path", "dataset_name"}:
         yaml_argv = _drop(yaml_argv, ("file_path", "dataset_name", "dataset_config"))
+    # Likewise the student's layers: an explicit list replaces the recipe's strategy, and a strategy its list.
+    if "student_layers" in cli_keys and not cli_keys & {"layer_strategy", "student_num_layers"}:
+        yaml_argv = _drop(yaml_argv, ("layer_strategy", "student_num_layers"))
+    if "layer_strategy" in cli_keys and "student_layers" not in cli_keys:
+        yaml_argv = _drop(yaml_argv, ("student_layers",))
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     yaml_keys = {a[2:] for a in yaml_argv if a.startswith("--")}
     with _OneLineErrors(parser, config, yaml_keys):
