@@ -217,6 +217,17 @@ def timing_summary(build_seconds, build_stats, tokens, cache_run, online_run):
 
 
 # ---- the demo set-up ------------------------------------------------------------------------------------------
+def demo_layer_choice(demo, dataset, tokenizer, config):
+    """The demo recipe's layer choice: explicit student_layers, or its measured strategy on the training text."""
+    from distil_trainer.extraction import load_calibration
+
+    if demo.get("student_layers") is not None:
+        return {"layers": [int(x) for x in str(demo["student_layers"]).split(",")]}
+    calibration = load_calibration(dataset, tokenizer, demo.get("calibration_tokens", 4096), config["max_length"])
+    return {"strategy": demo["layer_strategy"], "num_layers": demo["student_num_layers"], "calibration": calibration,
+            "progress": False}
+
+
 def demo_part(args, out):
     import yaml
     from transformers import BertForMaskedLM
@@ -241,8 +252,10 @@ def demo_part(args, out):
     else:
         teacher = demo_bench.fitted_teacher(out, dataset, collator(), config)
     init_dir = out / "student_init"
-    layers = [int(x) for x in str(demo["student_layers"]).split(",")]
-    extract_student(teacher, layers=layers).save_pretrained(init_dir)
+    student, report = extract_student(teacher, return_report=True, **demo_layer_choice(demo, dataset, tokenizer,
+                                                                                       config))
+    student.save_pretrained(init_dir)
+    layers = ",".join(str(i) for i in report.teacher_layers)
 
     sizes = size_rows(teacher, dataset, out, tokenizer, collator, args)
     print("demo sizes", sizes, flush=True)
@@ -278,7 +291,7 @@ def demo_part(args, out):
             "scores": scores, "runs": runs,
             "notes": {"stsb_source": source, "stsb_unavailable": why, "stsb_pairs": len(stsb["score"]) if stsb else 0,
                       "heldout_sequences": len(heldout), "steps": steps, "batch": batch,
-                      "max_length": args.demo_max_length, "rows": len(dataset)}}
+                      "max_length": args.demo_max_length, "rows": len(dataset), "student_layers": layers}}
 
 
 # ---- the SmolLM2 teacher --------------------------------------------------------------------------------------
@@ -368,7 +381,7 @@ def render(results):
         for key, s in d["scores"].items():
             text.append(f"| {labels[key]} | " + " | ".join(f(s[k]) if k in s else "" for k, _, f in cols) + " |")
         text += ["", f"Demo: {n['steps']} steps x {n['batch']} sequences of at most {n['max_length']} tokens "
-                     f"({n['rows']} rows, one epoch), student of layers 0,2,4; STS-B: first {n['stsb_pairs']} dev "
+                     f"({n['rows']} rows, one epoch), student of layers {n['student_layers']}; STS-B: first {n['stsb_pairs']} dev "
                      f"pairs; held-out fidelity on {n['heldout_sequences']} held-out lines.", ""]
     if "smollm2" in results:
         s = results["smollm2"]

@@ -22,7 +22,7 @@ def test_every_stage_reads_only_what_is_set_before_it():
 def test_stage_order_is_the_documented_one():
     assert [s.name for s in STAGES] == ["binarize", "load teacher", "token counts", "fit teacher MLM head",
                                         "extract student", "cache teacher outputs", "distil", "save student", "score",
-                                        "model card", "report", "push to hub"]
+                                        "onnx latency", "model card", "report", "push to hub"]
 
 
 class _State:

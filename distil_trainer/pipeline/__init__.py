@@ -3,7 +3,7 @@ beside it in `distil_trainer`). The pipeline every recipe runs:
 
     binarize -> load teacher -> token counts -> fit its MLM head (teachers shipped without one) -> extract the
     student -> cache the teacher's outputs (--teacher_cache) -> distil (resumable) -> save student + tokenizer ->
-    score (--score) -> model card -> report -> push to the Hub
+    score (--score) -> ONNX export and CPU latency (--onnx_latency) -> model card -> report -> push to the Hub
 
 Each stage (`stage.Stage`, listed in `runner.STAGES`) names the run fields it reads and writes, the key of its
 cached output and its skip-if-done rule; it is skipped when its output exists, prints a one-line summary, and runs
