@@ -185,13 +185,16 @@ def hidden_state_distance(student_hidden, teacher_hidden, mask=None, metric="mse
     """
     s = _fp32(_select(student_hidden, mask))
     t = _fp32(_select(teacher_hidden, mask))
+    return _reduce(_row_distance(s, t, metric), reduction)
+
+
+def _row_distance(s, t, metric):
+    """Per-row distance over the last dimension: "mse" (mean of squared differences) or "cosine" (1 - cos)."""
     if metric == "mse":
-        per_token = (s - t).pow(2).mean(-1)
-    elif metric == "cosine":
-        per_token = 1.0 - F.cosine_similarity(s, t, dim=-1)
-    else:
-        raise ValueError(f"metric={metric!r}; use 'mse' or 'cosine'.")
-    return _reduce(per_token, reduction)
+        return (s - t).pow(2).mean(-1)
+    if metric == "cosine":
+        return 1.0 - F.cosine_similarity(s, t, dim=-1)
+    raise ValueError(f"metric={metric!r}; use 'mse' or 'cosine'.")
 
 
 def attention_mse(student_attn, teacher_attn, mask=None, reduction="mean"):
@@ -286,13 +289,7 @@ def embedding_distance(student_emb, teacher_emb, metric="mse", reduction="mean")
     if s.shape != t.shape:
         raise ValueError(f"Sentence embeddings differ in shape: student {tuple(s.shape)}, teacher {tuple(t.shape)}; "
                          "project the student's to the teacher's width first.")
-    if metric == "mse":
-        per_sentence = (s - t).pow(2).mean(-1)
-    elif metric == "cosine":
-        per_sentence = 1.0 - F.cosine_similarity(s, t, dim=-1)
-    else:
-        raise ValueError(f"metric={metric!r}; use one of {', '.join(EMBEDDING_DISTANCES)}.")
-    return _reduce(per_sentence, reduction)
+    return _reduce(_row_distance(s, t, metric), reduction)
 
 
 def _similarity_log_probs(emb, temperature):
