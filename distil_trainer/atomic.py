@@ -23,6 +23,18 @@ def current_umask():
     return umask
 
 
+def check_output_dir(output_dir, overwrite=False):
+    """Refuse an existing non-empty output directory (or a file there) unless `overwrite`; callers run it before
+    any slow work too, so the refusal comes first."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"Output path {str(path)!r} exists and is not a directory; choose another path.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"Output directory {str(path)!r} already exists and is not empty; pass "
+                              "overwrite=True (--overwrite) to replace it, or choose another directory.")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_directory(final_path, overwrite=False):
     """Yield a temporary directory; on success it replaces `final_path` in one rename.
@@ -30,12 +42,7 @@ def atomic_directory(final_path, overwrite=False):
     An existing non-empty `final_path` is refused unless `overwrite`; it is moved aside (not deleted) until the new
     directory is in place, and restored if anything fails.
     """
-    path = Path(final_path).resolve()
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory; choose another path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} already exists and is not empty; pass --overwrite to replace it, or choose "
-                              "another path.")
+    path = check_output_dir(final_path, overwrite).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; outputs get the user's normal permissions

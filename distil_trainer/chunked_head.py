@@ -82,7 +82,7 @@ def head_features(model, output):
         raise ValueError(f"logits_chunk_size: {type(unwrap(model)).__name__}'s forward returned logits of width "
                          f"{features.shape[-1]} with its LM head passed through, not the head's input width "
                          f"{head.weight.shape[1]}: its forward does not project with get_output_embeddings(). "
-                         "Set logits_chunk_size=None.")
+                         "Set logits_chunk_size=0 (full logits).")
     return features
 
 

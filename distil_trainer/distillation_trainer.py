@@ -382,7 +382,8 @@ class DistillationTrainer(Trainer):
         if not any(t in self._weights for t in _TEACHER_TERMS):
             return None, {}
         self._check_segments(inputs)
-        headless = fused or (self._headless and _has_lm_head(self.teacher))
+        # A teacher with no LM head (a bare body, for L_cos) has no head features to give: a plain forward.
+        headless = (fused or self._headless) and _has_lm_head(self.teacher)
         with torch.no_grad(), self.accelerator.autocast(), self._intermediate.recording("teacher") as qkv:
             out = self._forward(self.teacher, inputs, self._teacher_inputs - set(TARGET_KEYS), self._need_hidden,
                                 headless)

@@ -15,7 +15,7 @@ import torch
 from . import losses
 from .intermediate import HiddenProjections, attach_projections, num_layers
 from .model_utils import hidden_size, unwrap
-from .sentence_embedding import model_folder, resolve_pooling
+from .sentence_embedding import model_source, resolve_pooling
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class EmbeddingTerms:
         if not self.active:
             return
         self._last_layer = num_layers(student)  # L_hidden's projected states may follow it in `hidden_states`
-        self.pooling = resolve_pooling(model_folder(teacher), args.embed_pooling, args.embed_normalize)
+        self.pooling = resolve_pooling(model_source(teacher), args.embed_pooling, args.embed_normalize)
         logger.info("Sentence embeddings for alpha_embed/alpha_embed_relation: %s", self.pooling.describe())
         s_width, t_width = hidden_size(student), hidden_size(teacher)
         if self.embed and s_width != t_width:

@@ -73,11 +73,13 @@ def continuation_only(batch):
     prompt = torch.tensor(_prompt_lengths(batch), device=ids.device)[:, None]
     ends = attention.sum(1, keepdim=True)
     positions = torch.arange(ids.shape[1], device=ids.device)[None]
-    labels = batch["labels"].masked_fill((positions < prompt) | ~attention, IGNORE_INDEX)
     predicts_continuation = (positions >= prompt - 1) & (positions < ends - 1)  # logits at t predict token t + 1
     if batch.get("distillation_mask") is not None:
         predicts_continuation &= batch["distillation_mask"].bool()
-    return {**batch, "labels": labels, "distillation_mask": predicts_continuation.to(ids.dtype)}
+    scored = {**batch, "distillation_mask": predicts_continuation.to(ids.dtype)}
+    if batch.get("labels") is not None:  # a collator without labels (no L_clm) has none to cut
+        scored["labels"] = batch["labels"].masked_fill((positions < prompt) | ~attention, IGNORE_INDEX)
+    return scored
 
 
 def _continuation_lengths(new_tokens, eos_ids):

@@ -1,14 +1,13 @@
 """How a sentence-embedding model turns token vectors into one vector per sentence, read from and written to the
 folder layout of sentence-transformers (`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`).
 
-A teacher folder with a `modules.json` is read: its Pooling module gives the pooling (mean, CLS or last token) and a
-Normalize module the L2 normalisation. Without one, mean pooling without normalisation is the default. A student
-saved with `write_sentence_transformers_files` loads with `SentenceTransformer(folder)` and embeds as the
+A teacher with a `modules.json` (in its folder, or its Hub repo through the cache) is read: its Pooling module
+gives the pooling (mean, CLS or last token) and a Normalize module the L2 normalisation. Without one, mean pooling
+without normalisation is the default. A student saved with `write_sentence_transformers_files` loads with `SentenceTransformer(folder)` and embeds as the
 teacher does. The sentence-transformers package is not needed for either.
 """
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,46 +41,67 @@ def _module_kind(entry) -> str:
     return str(entry.get("type", "")).rsplit(".", 1)[-1]
 
 
-def read_pooling(folder) -> Pooling | None:
-    """The pooling of a sentence-transformers folder, or None when `folder` is not one (no modules.json).
+def sentence_transformers_file(source, relative, revision=None) -> Path | None:
+    """The local path of file `relative` of a model folder, or of a Hub repo (from the cache, or downloaded unless
+    offline), or None when there is no such file or `source` is neither."""
+    if not source:
+        return None
+    if Path(source).is_dir():
+        path = Path(source) / relative
+        return path if path.is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(str(source), relative, revision=revision, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError):  # not a repo id (a GGUF file's path, say)
+        return None
+    return Path(found) if found else None
+
+
+def read_pooling(source, revision=None) -> Pooling | None:
+    """The pooling of a sentence-transformers model (a folder or a Hub repo), or None when `source` is not one (no
+    modules.json).
 
     Raises ValueError, naming the module and the fix, for what this project cannot reproduce: a pooling mode other
     than mean/CLS/last token, several modes at once, or modules after the transformer other than Pooling and
     Normalize (a Dense projection, say), since distilling embeddings computed another way would be wrong silently.
     """
-    if folder is None or not (Path(folder) / "modules.json").is_file():
+    modules_file = sentence_transformers_file(source, "modules.json", revision)
+    if modules_file is None:
         return None
-    folder = Path(folder)
-    modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    modules = json.loads(modules_file.read_text(encoding="utf-8"))
     kinds = [_module_kind(m) for m in modules]
     other = [k for k in kinds if k not in (_TRANSFORMER, _POOLING, _NORMALIZE)]
     if other:
-        raise ValueError(f"{folder}/modules.json has module(s) {other} besides Transformer, Pooling and Normalize; the "
+        raise ValueError(f"{source}/modules.json has module(s) {other} besides Transformer, Pooling and Normalize; the "
                          "embedding terms pool the last hidden state only. Set embed_pooling (and embed_normalize) to "
                          "distil the pooled embeddings before those modules, or distil another teacher.")
     pooling = next((m for m in modules if _module_kind(m) == _POOLING), None)
     mode = "mean"
     if pooling is not None:
-        mode = _pooling_mode(folder / pooling.get("path", POOLING_DIR) / "config.json")
-    return Pooling(mode=mode, normalize=_NORMALIZE in kinds, source=f"read from {folder}/modules.json")
+        folder = pooling.get("path", POOLING_DIR)
+        relative = f"{folder}/config.json" if folder else "config.json"
+        mode = _pooling_mode(sentence_transformers_file(source, relative, revision), f"{source}/{relative}")
+    return Pooling(mode=mode, normalize=_NORMALIZE in kinds, source=f"read from {source}/modules.json")
 
 
-def _pooling_mode(config_path) -> str:
-    config = json.loads(Path(config_path).read_text(encoding="utf-8")) if Path(config_path).is_file() else {}
+def _pooling_mode(config_path, where) -> str:
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path is not None else {}
     modes = config.get("pooling_mode")
     if modes is None:
         modes = [name for key, name in _LEGACY_POOLING_KEYS.items() if config.get(key)] or ["mean"]
     modes = [modes] if isinstance(modes, str) else list(modes)
     if len(modes) != 1 or modes[0] not in POOLING_MODES:
-        raise ValueError(f"{config_path} pools with {modes}; the embedding terms reproduce one of "
+        raise ValueError(f"{where} pools with {modes}; the embedding terms reproduce one of "
                          f"{', '.join(POOLING_MODES)}. Set embed_pooling to one of them to override.")
     return modes[0]
 
 
-def resolve_pooling(teacher_folder=None, mode=None, normalize=None) -> Pooling:
-    """The pooling the embedding terms use: the teacher folder's (`read_pooling`), else mean pooling without
-    normalisation; `mode` / `normalize` (not None) override it."""
-    found = read_pooling(teacher_folder) if teacher_folder else None
+def resolve_pooling(teacher_source=None, mode=None, normalize=None) -> Pooling:
+    """The pooling the embedding terms use: the teacher's (`read_pooling` of its folder or Hub repo), else mean
+    pooling without normalisation; `mode` / `normalize` (not None) override it."""
+    found = read_pooling(teacher_source) if teacher_source else None
     base = found or Pooling()
     if mode is not None and mode not in POOLING_MODES:
         raise ValueError(f"embed_pooling={mode!r}; use one of {', '.join(POOLING_MODES)} (or leave it unset to read "
@@ -93,12 +113,12 @@ def resolve_pooling(teacher_folder=None, mode=None, normalize=None) -> Pooling:
                    source=f"{', '.join(overridden)}; otherwise {base.source}")
 
 
-def model_folder(model) -> str | None:
-    """The local folder a model was loaded from (its `name_or_path`), if that is a folder."""
+def model_source(model) -> str | None:
+    """Where a model was loaded from (its `name_or_path`: a folder or a Hub repo id), if recorded."""
     from .model_utils import unwrap
 
     path = getattr(unwrap(model), "name_or_path", None) or getattr(unwrap(model).config, "_name_or_path", None)
-    return str(path) if path and os.path.isdir(str(path)) else None
+    return str(path) if path else None
 
 
 def write_sentence_transformers_files(folder, pooling: Pooling, width: int, max_seq_length: int):

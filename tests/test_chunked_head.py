@@ -383,3 +383,15 @@ def test_fused_second_backward_says_what_happened():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward through the fused LM-head loss"):
         loss.backward()
+
+
+def test_a_bare_teacher_with_the_fused_default(tmp_path):
+    """A teacher with no head (BertModel) gives only hidden states, which L_cos reads; the fused default must not
+    ask it for head features. Same update as the full-logit path with the same body behind an MLM head."""
+    tok, headed, make, data, _ = masked_case()
+    weights = dict(alpha_cos=1.0, alpha_mlm=0.5)
+    bare = one_step_update(make, headed.bert, data, PadCollator(tok.pad_token_id), 16, 1, tmp_path / "bare",
+                           **weights)
+    full = one_step_update(make, headed, data, PadCollator(tok.pad_token_id), 16, 1, tmp_path / "full",
+                           logits_chunk_size=0, **weights)
+    assert bare.norm() > 0 and ((full - bare).norm() / full.norm()).item() < 1e-5

@@ -22,6 +22,7 @@ from distil_trainer.export import (  # noqa: E402
     load_session,
     measure_latencies,
     measure_latencies_side_by_side,
+    quantize_int8,
     read_manifest,
 )
 
@@ -331,6 +332,19 @@ def test_int8_graph_that_was_not_made_is_named(tmp_path):
         load_session(tmp_path / "onnx", int8=True)
     with pytest.raises(FileNotFoundError, match="not an export folder"):
         read_manifest(tmp_path)
+
+
+def test_quantizing_a_folder_again_needs_overwrite_and_leaves_no_staging(tmp_path):
+    folder = tmp_path / "onnx"
+    export_onnx(tiny.tiny_bert_classifier(), folder, quantize="int8", **FAST)
+    before = (folder / "model.int8.onnx").read_bytes()
+    with pytest.raises(FileExistsError, match="model.int8.onnx already exists; pass overwrite=True"):
+        quantize_int8(folder)
+    assert (folder / "model.int8.onnx").read_bytes() == before
+    quantize_int8(folder, overwrite=True)
+    assert read_manifest(folder)["files"]["int8"] == "model.int8.onnx"
+    assert load_session(folder, int8=True) is not None
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # the staging folder is gone
 
 
 # ---------- the command ----------

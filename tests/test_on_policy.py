@@ -188,3 +188,15 @@ def test_a_resumed_run_draws_and_samples_what_the_whole_run_did(tmp_path):
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_continuation_only_without_labels_marks_the_continuation():
+    """A micro-batch with no labels (a collator for L_ce alone) still gets the continuation's positions: prompt 2 of
+    4 real tokens, right padding to 5 -> positions 1 and 2 predict tokens 2 and 3."""
+    from distil_trainer.on_policy import continuation_only
+
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]]),
+             "prompt_length": torch.tensor([2])}
+    scored = continuation_only(batch)
+    assert "labels" not in scored
+    assert scored["distillation_mask"].tolist() == [[0, 1, 1, 0, 0]]

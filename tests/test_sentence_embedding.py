@@ -23,6 +23,7 @@ def test_the_shipped_minilm_folder_pools_by_mean_and_normalises():
 
 
 def st_folder(tmp_path, modules, pooling_config):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     (tmp_path / "1_Pooling").mkdir(exist_ok=True)
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config))
@@ -45,6 +46,28 @@ def test_both_config_formats_are_read_and_what_cannot_be_reproduced_is_refused(t
         read_pooling(st_folder(tmp_path, [TRANSFORMER, POOLING, dense], {"pooling_mode": "mean"}))
     with pytest.raises(ValueError, match="embed_pooling='max'"):
         resolve_pooling(None, mode="max")
+
+
+
+def test_a_hub_teacher_s_pooling_is_read_through_the_cache(tmp_path, monkeypatch):
+    """A teacher named by Hub id (`org/name`) is read from the Hub cache as `from_pretrained` would find it (offline
+    here): CLS pooling and a Normalize module, not the mean-pooling default."""
+    import huggingface_hub.constants
+
+    from distil_trainer.pipeline.objective import sentence_embedding_teacher
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--st-teacher"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    normalize = {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+    st_folder(repo / "snapshots" / commit, [TRANSFORMER, POOLING, normalize], {"pooling_mode_cls_token": True})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pooling = read_pooling("org/st-teacher")
+    assert (pooling.mode, pooling.normalize) == ("cls", True) and "org/st-teacher" in pooling.source
+    assert sentence_embedding_teacher("org/st-teacher")[0]
+    assert read_pooling("org/not-cached") is None  # neither a folder nor in the cache: the default applies
 
 
 SENTENCES = ["A man is playing a guitar.", "Two dogs run across a snowy field in the early morning light.",

@@ -87,6 +87,19 @@ def test_cached_student_init_of_the_other_kind_is_refused(tmp_path, capsys):
     assert "student_init=random" in err and "student_init=teacher_layers" in err and "output_dir" in err
 
 
+
+def test_cached_student_init_of_other_layers_is_refused(tmp_path, capsys):
+    """A re-run in the same output_dir that asks for other layers must not train the old initial student."""
+    teacher_dir = make_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus.txt", n=80)
+    argv = recipe_argv(tmp_path, teacher_dir, corpus, max_steps=1)
+    main(argv=argv)  # layers 0,2
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv=argv + ["--student_layers", "1,3", "--overwrite_output_dir", "true"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "student_layers=[1, 3] (it has [0, 2])" in err and "output_dir" in err
+
 def test_unknown_student_init_is_a_one_line_config_error(tmp_path):
     with pytest.raises(ConfigError, match="student_init"):
         parse_recipe_args(["--teacher_name", "t", "--file_path", "f", "--output_dir", str(tmp_path),

@@ -72,7 +72,7 @@ def _summary(path):
 
 def _export(args):
     from ..export import export_onnx
-    from ..export.onnx_export import check_output_dir
+    from ..atomic import check_output_dir
     from ..export.runtime import require_export_packages
 
     require_export_packages(args.exporter)

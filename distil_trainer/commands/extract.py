@@ -86,7 +86,7 @@ def _calibration(args, tokenizer):
 def _extract(args):
     from distil_trainer.extraction import extract_student, load_teacher, save_student
     from distil_trainer.extraction.layers import parse_layer_list
-    from distil_trainer.extraction.save import check_output_dir
+    from distil_trainer.atomic import check_output_dir
 
     check_output_dir(args.dump_checkpoint, args.overwrite)  # fail before the (slow) teacher load
     layers = parse_layer_list(args.layers) if args.layers is not None else None

@@ -17,12 +17,11 @@ import copy
 import json
 import logging
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..atomic import atomic_directory
+from ..atomic import atomic_directory, check_output_dir
 from .runtime import FP32_FILE, MANIFEST, load_session, require_export_packages, run_session
 from .tasks import AUTO, DECODER_TYPES, export_module, has_sequence_axis
 
@@ -36,17 +35,6 @@ VERIFY_SHAPE = (3, 13)  # another shape than the traced one, so a baked-in size 
 
 class ExportParityError(ValueError):
     """ONNX Runtime's outputs differ from PyTorch's by more than the tolerance."""
-
-
-def check_output_dir(output_dir, overwrite=False):
-    """Refuse an existing non-empty output folder (or a file there) unless `overwrite`, before any slow work."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"Output path {str(path)!r} exists and is not a directory; choose another path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"Output directory {str(path)!r} already exists and is not empty; pass "
-                              "overwrite=True (--overwrite) to replace it, or choose another directory.")
-    return path
 
 
 def example_inputs(config, names, shape, seed=0):

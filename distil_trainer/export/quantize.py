@@ -9,6 +9,9 @@ float32 graph's with them and 0.976 with one scale per tensor, at the same speed
 import contextlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from ..atomic import write_text_atomic
@@ -50,17 +53,26 @@ def int8_output_change(onnx_dir, manifest):
     return output_differences(manifest["task"], fp32, int8, inputs["attention_mask"])
 
 
-def quantize_int8(onnx_dir, external_data=False):
+def quantize_int8(onnx_dir, external_data=False, overwrite=False):
     """Write model.int8.onnx beside the folder's model.onnx and record the method and the measured change of the
-    outputs in export.json. `external_data`: store the int8 weights in a separate file (models over 2 GiB)."""
+    outputs in export.json. `external_data`: store the int8 weights in a separate file (models over 2 GiB). An
+    existing int8 graph is refused unless `overwrite`; the new one is written in a staging folder and renamed in."""
     require_export_packages()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     onnx_dir = Path(onnx_dir)
     manifest = read_manifest(onnx_dir)
-    with _without_preprocessing_hint():
-        quantize_dynamic(onnx_file(onnx_dir), onnx_dir / INT8_FILE, weight_type=QuantType.QInt8, per_channel=True,
-                         use_external_data_format=external_data)
+    if (onnx_dir / INT8_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{onnx_dir / INT8_FILE} already exists; pass overwrite=True to quantize again.")
+    staging = Path(tempfile.mkdtemp(prefix=".int8-staging-", dir=onnx_dir))
+    try:
+        with _without_preprocessing_hint():
+            quantize_dynamic(onnx_file(onnx_dir), staging / INT8_FILE, weight_type=QuantType.QInt8,
+                             per_channel=True, use_external_data_format=external_data)
+        for written in staging.iterdir():  # the graph and, with external_data, its weights file
+            os.replace(written, onnx_dir / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     manifest["files"]["int8"] = INT8_FILE
     manifest["int8"] = {**QUANTIZE_METHOD, "max_abs_diff_vs_fp32": int8_output_change(onnx_dir, manifest),
                         "measured_on": "the parity check's random token ids; int8_embedding_change measures an "

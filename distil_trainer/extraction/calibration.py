@@ -2,9 +2,9 @@
 
 A calibration set is a list of token-id sequences (each at most `max_length` tokens), taken in order from a plain
 text file (one sequence per non-empty line, tokenized with the teacher's tokenizer and its special tokens), from a
-folder written by `distil-trainer binarize` (its rows as they are; the recipe's corpus), or from any dataset with an
-``input_ids`` column, until `num_tokens` tokens are collected. Batches are right-padded; the measurements read the
-non-padding positions only.
+folder written by `distil-trainer binarize` (the recipe's corpus), or from any dataset with an ``input_ids``
+column, until `num_tokens` tokens are collected; every source's sequences are cut to `max_length`. Batches are
+right-padded; the measurements read the non-padding positions only.
 """
 
 from dataclasses import dataclass

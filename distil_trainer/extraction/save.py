@@ -2,24 +2,10 @@
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 
-from ..atomic import atomic_directory
+from ..atomic import atomic_directory, check_output_dir
 
 REPORT_FILE = "extraction_report.json"
-
-
-def check_output_dir(output_dir, overwrite=False):
-    """Refuse an existing non-empty output directory (or a file there) unless `overwrite`."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"Output path {str(path)!r} exists and is not a directory; choose another path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"Output directory {str(path)!r} already exists and is not empty; pass overwrite=True "
-            "(--overwrite) to replace it, or choose another directory."
-        )
-    return path
 
 
 def save_student(student, tokenizer, output_dir, overwrite=False, report=None):

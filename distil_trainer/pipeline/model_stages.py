@@ -105,6 +105,7 @@ class ExtractStudent(Stage):
             return None
         ctx.student = load_like(ctx.teacher, init_dir)
         _check_student_init(ctx.student, self.cache_key(ctx), init_dir)
+        _check_student_shape(ctx.student, ctx.model_args, init_dir)
         return f"reused {init_dir}"
 
     def run(self, ctx):
@@ -192,6 +193,29 @@ def _match_intermediate_layers(training_args, teacher_layers):
     training_args.intermediate_layer_map = ",".join(
         ["0:0"] + [f"{s + 1}:{t + 1}" for s, t in enumerate(teacher_layers)])
     logger.info("intermediate_layer_map set to the measured layer choice: %s", training_args.intermediate_layer_map)
+
+
+def _check_student_shape(student, model_args, init_dir):
+    """A cached initial student must have the layers and widths this run asks for (its config's extraction record),
+    or a changed recipe would train the old student silently."""
+    from .. import extraction
+
+    m, record = model_args, student.config.to_dict().get(extraction.CONFIG_KEY, {})
+    kept, layers = record.get("teacher_layers"), _layers(model_args)
+    sizes = {name: after for name, (_, after) in (record.get("width") or {}).get("sizes", {}).items()}
+    asked = {"student_layers": (kept, layers)} if layers is not None else {
+        "layer_strategy": (record.get("strategy"), m.layer_strategy),
+        "student_num_layers": (len(kept) if kept is not None else None, m.student_num_layers)}
+    asked.update({f"student_{name}": (sizes.get(name), getattr(m, f"student_{name}"))
+                  for name in ("hidden_size", "num_attention_heads", "intermediate_size")})
+    differ = [f"{key}={want} (it has {have})" for key, (have, want) in asked.items()
+              if want is not None and have != want]
+    if sizes and not any(getattr(m, f"student_{n}") is not None
+                         for n in ("hidden_size", "num_attention_heads", "intermediate_size")):
+        differ.append("no width pruning (it is width-pruned)")
+    if differ:
+        raise ConfigError(f"{init_dir} holds a student made another way than this run asks for: {'; '.join(differ)}. "
+                          f"Use another output_dir (or delete {init_dir}).")
 
 
 def _layers(model_args):

@@ -11,8 +11,6 @@
 `distillation_objective` chooses one explicitly; "auto" (the default) decides as above.
 """
 
-from pathlib import Path
-
 from .recipe_args import ConfigError
 
 AUTO, EMBEDDING, LOGITS = "auto", "embedding", "logits"
@@ -26,9 +24,12 @@ _HEAD_SUFFIXES = ("ForMaskedLM", "ForCausalLM", "LMHeadModel", "ForPreTraining",
 def sentence_embedding_teacher(teacher_name, revision=None, trust_remote_code=False):
     """(True, why) for a sentence-embedding teacher (a sentence-transformers folder, or a checkpoint whose config
     names only architectures without a head), else (False, why)."""
-    if (Path(teacher_name) / "modules.json").is_file():
-        return True, f"a sentence-transformers model ({teacher_name}/modules.json)"
     from transformers import AutoConfig
+
+    from ..sentence_embedding import sentence_transformers_file
+
+    if sentence_transformers_file(teacher_name, "modules.json", revision) is not None:
+        return True, f"a sentence-transformers model ({teacher_name}/modules.json)"
 
     try:
         config = AutoConfig.from_pretrained(teacher_name, revision=revision, trust_remote_code=trust_remote_code)

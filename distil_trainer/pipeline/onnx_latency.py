@@ -2,6 +2,7 @@
 CPU latency of both in PyTorch and in ONNX Runtime side by side in one run (export.measure), for the report and the
 model card."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -53,15 +54,14 @@ class OnnxLatency(Stage):
         from ..export import export_onnx, measure_latencies_side_by_side
 
         task = "embedding" if ctx.masked_lm else "auto"  # an encoder student is deployed as an encoder
-        folders = {}
-        for role, model in (("teacher", ctx.teacher), ("student", ctx.final_student)):
-            folders[role] = export_onnx(model.eval(), ctx.out / ONNX_DIR / role, task=task, tokenizer=ctx.tokenizer,
-                                        quantize="int8", overwrite=True)
-        texts = latency_texts(ctx)
+        # fp32 copies on the CPU: training may have left the teacher on a GPU or in bf16, and the table says "fp32".
+        models = {role: copy.deepcopy(model).float().cpu().eval()
+                  for role, model in (("teacher", ctx.teacher), ("student", ctx.final_student))}
+        folders = {role: export_onnx(model, ctx.out / ONNX_DIR / role, task=task, tokenizer=ctx.tokenizer,
+                                     quantize="int8", overwrite=True) for role, model in models.items()}
         ctx.latency = measure_latencies_side_by_side(
-            {role: (model, folders[role]) for role, model in (("teacher", ctx.teacher),
-                                                              ("student", ctx.final_student))},
-            ctx.tokenizer, texts, batch_size=8, sequence_length=min(ctx.data_args.max_length or 128, 128))
+            {role: (model, folders[role]) for role, model in models.items()}, ctx.tokenizer, latency_texts(ctx),
+            batch_size=8, sequence_length=min(ctx.data_args.max_length or 128, 128))
         path = ctx.out / LATENCY_FILE
         write_text_atomic(path, json.dumps({"key": self.cache_key(ctx), "latency": ctx.latency}, indent=2))
         ctx.result["onnx_latency"] = str(path)
