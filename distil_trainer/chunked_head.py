@@ -86,14 +86,13 @@ def head_features(model, output):
     return features
 
 
-def head_loss(student, teacher, student_out, teacher_rows, labels, kl_mask, coefficients, args, shared_vocab,
-              chunk_size):
+def head_loss(student, student_out, teacher_rows, labels, kl_mask, coefficients, args, shared_vocab, chunk_size):
     """(loss, {"ce", "mse", "clm"/"mlm": detached sums}, agreement or None) of the weighted LM-head terms.
 
     `teacher_rows`: the teacher's `TeacherRows` (its head on its features, or a cache's logits), or None when no
     teacher term is weighted; `coefficients`: {term: weight x scale / item count of the step} for the terms to
-    compute ("ce", "mse", "clm" or "mlm"); `kl_mask` selects the positions of L_ce/L_mse; `labels` those of the LM
-    loss (shifted by one for a causal LM: the logits at t are scored on the token at t + 1).
+    compute ("ce", "mse", "clm" or "mlm"); `kl_mask` selects the positions of L_ce/L_mse (none without teacher rows);
+    `labels` those of the LM loss (shifted by one for a causal LM: the logits at t are scored on the token at t + 1).
     """
     lm_term = "clm" if head_kind(student) == CAUSAL_LM else "mlm"
     targets = None

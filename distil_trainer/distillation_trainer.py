@@ -421,8 +421,7 @@ class DistillationTrainer(Trainer):
         if teacher_terms:
             teacher_rows = (self._cache.teacher_rows(teacher_out) if self._cache is not None
                             else chunked_head.online_teacher_rows(self.teacher, teacher_out))
-        kl_mask = plan.masks["logits"] if teacher_rows is not None else torch.zeros_like(plan.masks["logits"])
-        return chunked_head.head_loss(model, self.teacher, student_out, teacher_rows, inputs.get("labels"), kl_mask,
+        return chunked_head.head_loss(model, student_out, teacher_rows, inputs.get("labels"), plan.masks["logits"],
                                       {t: coefficient(t) for t in terms}, self.args, self._shared_vocab,
                                       self._chunk_size)
 
