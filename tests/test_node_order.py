@@ -4,12 +4,12 @@ pipeline's real Binarize, run through the runner's real `_run_stage`."""
 
 import threading
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 import tiny
 from distil_trainer.pipeline import runner
 from distil_trainer.pipeline.data_stages import Binarize
 from distil_trainer.pipeline.node_order import each_node_first, wave
+from distil_trainer.pipeline.recipe_args import DataArguments
 from distil_trainer.pipeline.stage import RunContext
 
 NODES, PER_NODE = 2, 2
@@ -53,10 +53,7 @@ def run_ranks(tmp_path, corpus):
     def rank_main(rank):
         try:
             node_disk = tmp_path / f"node{rank // PER_NODE}"  # the same path on every node, a different disk
-            data_args = SimpleNamespace(data_cache_dir=str(node_disk / "cache"), file_path=str(corpus),
-                                        dataset_name=None, dataset_config=None, dataset_split="train",
-                                        text_column="text", streaming=False, max_length=64, pack=None, num_proc=None,
-                                        max_train_samples=None, binarized_data=None)
+            data_args = DataArguments(data_cache_dir=str(node_disk / "cache"), file_path=str(corpus), max_length=64)
             state = ThreadRankState(rank, barrier)
             ctx = RunContext(rank=rank, state=state, is_main=state.is_main_process, data_args=data_args,
                              out=node_disk / "run", tokenizer=tiny.bert_tokenizer(), tokenizer_name="bert")

@@ -189,3 +189,20 @@ def test_score_refuses_the_training_corpus_as_heldout_text(tmp_path, bert_teache
     with pytest.raises(SystemExit):
         main(argv=argv)
     assert "is the training corpus" in capsys.readouterr().err
+
+
+def test_min_length_reaches_the_binarizer_and_its_cache_key(tmp_path, bert_teacher, capsys):
+    """Short sentences (what STS-B holds) survive a lower min_length; the default keeps DistilBERT's 12 tokens."""
+    tokenizer = tiny.bert_tokenizer()
+    lines = [line for line in tiny.real_lines(200) if len(tokenizer(line)["input_ids"]) <= 64][:40]  # no splits
+    short = [" ".join(line.split()[:3]) for line in lines[:20]]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(short + lines[20:]) + "\n")
+    lengths = [len(tokenizer(line)["input_ids"]) for line in short + lines[20:]]
+    expected = {12: sum(n >= 12 for n in lengths), 4: sum(n >= 4 for n in lengths)}
+    assert expected[4] > expected[12]  # the corpus tells the two apart
+    for min_length in (12, 4):
+        argv = recipe_argv(tmp_path, bert_teacher, str(corpus), max_steps=1, min_length=min_length,
+                           output_dir=str(tmp_path / f"run{min_length}"))
+        main(argv=argv)
+        assert f"binarize: {expected[min_length]} sequences" in capsys.readouterr().out

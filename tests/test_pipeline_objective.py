@@ -114,3 +114,51 @@ def test_the_demo_corpus_as_sentences_keeps_the_held_out_sections_apart(tmp_path
     train_lines = train.read_text().splitlines()
     assert train_lines[:3] == demo_inputs.split_sentences(sections[0])[:3]
     assert len(train_lines) > 2 * len(sections) and not set(expected_heldout) & set(train_lines[-50:])
+
+
+STSB_TRAIN_TSV = ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+                  "0\tmain-captions\tMSRvid\t2012test\t1\tnone\tnone\tA plane is taking off.\tAn air plane is taking "
+                  "off.\t5.000\n"
+                  "1\tmain-captions\tMSRvid\t2012test\t4\tnone\tnone\tA man is  playing a flute.\tA plane is taking "
+                  "off.\t0.200\n")
+
+
+def test_stsb_transfer_sentences_are_the_unique_sentences_without_scores(tmp_path):
+    from distil_trainer.pipeline import demo_inputs
+
+    (tmp_path / "train.tsv").write_text(STSB_TRAIN_TSV)
+    path, source, why = demo_inputs.stsb_transfer_sentences(tmp_path / "out", tmp_path / "train.tsv")
+    # In the split's order, white space collapsed, each sentence once, no score anywhere.
+    assert path.read_text().splitlines() == ["A plane is taking off.", "An air plane is taking off.",
+                                             "A man is playing a flute."]
+    assert source == str(tmp_path / "train.tsv") and why is None
+    before = path.stat().st_mtime_ns
+    demo_inputs.stsb_transfer_sentences(tmp_path / "out", tmp_path / "train.tsv")
+    assert path.stat().st_mtime_ns == before  # unchanged text is not rewritten: the binarized cache stays valid
+    with pytest.raises(FileNotFoundError, match="--stsb_train_file .* does not exist; pass a GLUE STS-B train.tsv"):
+        demo_inputs.stsb_transfer_sentences(tmp_path / "out", tmp_path / "missing.tsv")
+
+
+def _demo_recipe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_recipe", Path(__file__).parents[1] / "recipes" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_demo_trains_on_stsb_train_sentences_and_falls_back_to_wikipedia_offline(tmp_path, monkeypatch):
+    demo = _demo_recipe()
+    options, rest = demo.demo_arguments(["--stsb_train_file", "t.tsv", "--max_steps", "3"])
+    assert (options.transfer_sentences, options.stsb_train_file, rest) == ("auto", "t.tsv", ["--max_steps", "3"])
+    (tmp_path / "train.tsv").write_text(STSB_TRAIN_TSV)
+    wikipedia = tmp_path / "wiki.txt"
+    chosen = demo.training_sentences("auto", tmp_path / "train.tsv", tmp_path, wikipedia)
+    assert chosen.name == "transfer_stsb_train_sentences.txt"
+    assert demo.training_sentences("wikipedia", tmp_path / "train.tsv", tmp_path, wikipedia) == wikipedia
+    # Offline with no file (the tests' environment): auto falls back, stsb_train stops with the fix.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert demo.training_sentences("auto", None, tmp_path, wikipedia) == wikipedia
+    with pytest.raises(SystemExit, match="pass --stsb_train_file path/to/STS-B/train.tsv"):
+        demo.training_sentences("stsb_train", None, tmp_path, wikipedia)

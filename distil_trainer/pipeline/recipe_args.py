@@ -79,6 +79,8 @@ class DataArguments:
     data_cache_dir: str | None = field(default=None, metadata={"help": "Where binarized data and token counts go "
                                                                        "(default: <output_dir>/data)."})
     max_length: int | None = field(default=None, metadata={"help": "Sequence length (default: the model maximum)."})
+    min_length: int = field(default=12, metadata={"help": "Sequences of fewer tokens (begin and end included) are "
+                                                          "dropped (12: DistilBERT's rule)."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     pack: int | None = field(default=None, metadata={"help": "Pack sequences into blocks of this size (causal LM)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N sequences."})

@@ -19,15 +19,16 @@ from pathlib import Path
 
 import torch
 
-STSB_HUB = ("nyu-mll/glue", "stsb", "validation")
+STSB_HUB = ("nyu-mll/glue", "stsb")
 
 
 # ---------- embeddings and correlation ----------
 
 def mean_pool(hidden, attention_mask):
-    """Mean of the token vectors over the real (mask 1) positions: [batch, length, dim] -> [batch, dim]."""
-    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    """Mean of the token vectors over the real (mask 1) positions: [batch, length, dim] -> [batch, dim] (float32)."""
+    from ..losses import sentence_pool
+
+    return sentence_pool(hidden, attention_mask, "mean")
 
 
 def pool(hidden, attention_mask, pooling=None):
@@ -70,12 +71,18 @@ def stsb_spearman(model, tokenizer, stsb, max_length=128, pooling=None):
 
 # ---------- STS-B ----------
 
-def read_stsb_tsv(path):
+# The option that gives each split as a GLUE tsv, that file's name, and how messages call the split.
+STSB_SPLITS = {"validation": ("--stsb_file", "dev.tsv", "STS-B"),
+               "train": ("--stsb_train_file", "train.tsv", "STS-B's training split")}
+
+
+def read_stsb_tsv(path, split="validation"):
     """{"sentence1", "sentence2", "score"} lists from a GLUE STS-B tsv (columns found by header name)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"stsb_file {path} does not exist; pass a GLUE STS-B dev.tsv (or leave stsb_file "
-                                "unset to take STS-B from the Hub).")
+        option, tsv, _ = STSB_SPLITS[split]
+        raise FileNotFoundError(f"{option} {path} does not exist; pass a GLUE STS-B {tsv} (or leave it unset to take "
+                                "STS-B from the Hub).")
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(rows, [])
@@ -89,19 +96,20 @@ def read_stsb_tsv(path):
             "score": [float(r[columns[2]]) for r in table]}
 
 
-def load_stsb(stsb_file=None):
-    """(pairs, source, why_unavailable): STS-B dev from `stsb_file`, else the Hub; pairs is None when neither
-    can be had (offline without a file), and `why_unavailable` then says how to get it."""
+def load_stsb(stsb_file=None, split="validation"):
+    """(pairs, source, why_unavailable): an STS-B split (dev by default) from `stsb_file`, else the Hub; pairs is None
+    when neither can be had (offline without a file), and `why_unavailable` then says how to get it."""
     if stsb_file:
-        return read_stsb_tsv(stsb_file), str(stsb_file), None
-    name, config, split = STSB_HUB
+        return read_stsb_tsv(stsb_file, split), str(stsb_file), None
+    name, config = STSB_HUB
     try:
         from datasets import load_dataset
 
         data = load_dataset(name, config, split=split)
     except Exception as err:  # offline, no cache, no network: the run goes on without STS-B
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        return None, None, (f"STS-B was unavailable ({reason}); pass --stsb_file path/to/STS-B/dev.tsv (GLUE) or "
+        option, tsv, what = STSB_SPLITS[split]
+        return None, None, (f"{what} was unavailable ({reason}); pass {option} path/to/STS-B/{tsv} (GLUE) or "
                             f"run once with Hub access to cache {name} ({config}, {split}).")
     return ({"sentence1": list(data["sentence1"]), "sentence2": list(data["sentence2"]),
              "score": [float(s) for s in data["label"]]}, f"{name} ({config}, {split})", None)
