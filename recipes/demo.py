@@ -1,4 +1,4 @@
-"""The embedded demo: a real distillation on 2 CPU cores (about 5 minutes idle, benchmarks/RESULTS.md), with no Hub
+"""The embedded demo: a real distillation on 2 CPU cores (about 4 minutes idle, benchmarks/RESULTS.md), with no Hub
 access, that says how good its student is.
 
     accelerate launch --config_file accelerate_configs/cpu_single.yaml recipes/demo.py \

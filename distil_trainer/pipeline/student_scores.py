@@ -25,7 +25,7 @@ STSB_HUB = ("nyu-mll/glue", "stsb")
 # ---------- embeddings and correlation ----------
 
 def mean_pool(hidden, attention_mask):
-    """Mean of the token vectors over the real (mask 1) positions: [batch, length, dim] -> [batch, dim] (float32)."""
+    """Mean of the token vectors over the real (mask 1) positions: [batch, length, dim] -> [batch, dim] (half precision upcast to float32)."""
     from ..losses import sentence_pool
 
     return sentence_pool(hidden, attention_mask, "mean")
