@@ -47,9 +47,14 @@ def _kl_rows(s, t):
     """KL(softmax(t) || softmax(s)) over the last dimension, with 0 * log 0 = 0 (see `_KLRows`). A `t` that takes
     gradients (the student's, in the reverse KL) goes through autograd of the same formula."""
     if t.requires_grad:
-        p = F.softmax(t, dim=-1)
-        return (torch.xlogy(p, p) - torch.where(p > 0, p * F.log_softmax(s, dim=-1), 0.0)).sum(-1)
+        return _xlogy_kl(F.softmax(t, dim=-1), F.log_softmax(s, dim=-1))
     return _KLRows.apply(s, t)
+
+
+def _xlogy_kl(p, log_q):
+    """sum(p log p - p log q) over the last dimension, taking both terms as 0 wherever p is 0 (so a log q of -inf
+    there adds nothing): the one writing of the KL that every L_ce path uses."""
+    return (torch.xlogy(p, p) - torch.where(p > 0, p * log_q, 0.0)).sum(-1)
 
 
 class _KLRows(torch.autograd.Function):
@@ -67,7 +72,7 @@ class _KLRows(torch.autograd.Function):
     def forward(ctx, s, t):
         log_q = F.log_softmax(s, dim=-1)
         p = F.softmax(t, dim=-1)
-        rows = (torch.xlogy(p, p) - torch.where(p > 0, p * log_q, 0.0)).sum(-1)
+        rows = _xlogy_kl(p, log_q)
         ctx.save_for_backward(log_q, p)
         return rows
 
@@ -98,9 +103,7 @@ def topk_soft_target_kl(student_logits, topk_ids, topk_logits, temperature, mask
 def topk_kl_rows(s, ids, t):
     """Per-row KL(softmax(t) || softmax(s) read at `ids`): `t` [n, k] the teacher's top-k logits, `s` [n, V] the
     student's, `ids` [n, k] where the k sit in s (already divided by T). In the xlogy form of `_kl_rows`."""
-    p = F.softmax(t, dim=-1)
-    log_q = F.log_softmax(s, dim=-1).gather(-1, ids)
-    return (torch.xlogy(p, p) - torch.where(p > 0, p * log_q, 0.0)).sum(-1)
+    return _xlogy_kl(F.softmax(t, dim=-1), F.log_softmax(s, dim=-1).gather(-1, ids))
 
 
 def topk_agreement(student_logits, topk_ids, mask=None):
