@@ -110,15 +110,16 @@ def parameter_count(model, **sizes):
         return type(model)(config).num_parameters()
 
 
-def width_for(teacher, target_parameters, hidden):
-    """The MLP width that, with `hidden` channels and every head kept, gives `target_parameters` (the count is
-    linear in the MLP width)."""
-    base = dict(hidden_size=hidden, head_dim=teacher.config.head_dim)
+def width_for(teacher, target_parameters, hidden, layers=None):
+    """The MLP width that, with `hidden` channels, every head kept and `layers` layers (default: the teacher's),
+    gives `target_parameters` (the count is linear in the MLP width)."""
+    base = dict(hidden_size=hidden, head_dim=teacher.config.head_dim,
+                num_hidden_layers=layers or teacher.config.num_hidden_layers)
     one, two = (parameter_count(teacher, intermediate_size=i, **base) for i in (1, 2))
     width = 1 + round((target_parameters - one) / (two - one))
     if not 1 <= width <= teacher.config.intermediate_size:
-        raise ValueError(f"No MLP width gives {target_parameters:,} parameters at hidden size {hidden} (would be "
-                         f"{width}); choose another --width_hidden.")
+        raise ValueError(f"No MLP width gives {target_parameters:,} parameters at hidden size {hidden} and "
+                         f"{base['num_hidden_layers']} layers (would be {width}); choose another hidden size or depth.")
     return width
 
 

@@ -110,21 +110,12 @@ def build(start, teacher, calibration, args, grams):
         hidden = int(start[6:])
     elif start not in ("mlp", "mlp_refit"):
         raise ValueError(f"Unknown start {start!r}: mlp, mlp_refit, depth<K> or hidden<H>.")
-    width = mlp_width(teacher, args.target_parameters, depth.get("num_layers", teacher.config.num_hidden_layers),
-                      hidden)
+    width = bench_pruning.width_for(teacher, args.target_parameters, hidden, layers=depth.get("num_layers"))
     student, report = extract_student(teacher, calibration=calibration, hidden_size=hidden, intermediate_size=width,
                                       progress=False, return_report=True, **depth)
     if start == "mlp_refit":
         refit_down_projections(student, teacher, report.width["kept"]["neurons"], grams(), args.refit_ridge)
     return student
-
-
-def mlp_width(teacher, target_parameters, layers, hidden):
-    """The MLP width that gives `target_parameters` at `layers` layers and hidden size `hidden` (the count is linear
-    in it; bench_pruning.width_for's rule with the depth free too)."""
-    sizes = dict(num_hidden_layers=layers, hidden_size=hidden, head_dim=teacher.config.head_dim)
-    one, two = (bench_pruning.parameter_count(teacher, intermediate_size=i, **sizes) for i in (1, 2))
-    return 1 + round((target_parameters - one) / (two - one))
 
 
 def main(argv=None):
